@@ -1,0 +1,7 @@
+# evaluate the base gpt2 (774M parameters) on OpenWebText
+# python train.py config/eval_gpt2_large.py
+batch_size = 8
+eval_iters = 500  # use more iterations to get good estimate
+eval_only = True
+wandb_log = False
+init_from = 'gpt2-large'

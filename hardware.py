@@ -1,0 +1,100 @@
+"""
+What the scripts need to know about the machine: the best device, the dtypes it can do, the autocast
+context for mixed precision, and its peak FLOP/s for MFU.
+"""
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+from configurator import die
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+# dense peak FLOP/s (no sparsity) by GPU name and dtype; float32 means TF32 tensor cores
+GPU_PEAK_FLOPS = {
+    'H200': {'bfloat16': 989e12, 'float16': 989e12, 'float32': 495e12},
+    'H100 SXM': {'bfloat16': 989e12, 'float16': 989e12, 'float32': 495e12},
+    'H100 PCIe': {'bfloat16': 756e12, 'float16': 756e12, 'float32': 378e12},
+    'H100': {'bfloat16': 989e12, 'float16': 989e12, 'float32': 495e12},
+    'A100': {'bfloat16': 312e12, 'float16': 312e12, 'float32': 156e12},
+    'A10G': {'bfloat16': 70e12, 'float16': 70e12, 'float32': 35e12},
+    'L4': {'bfloat16': 121e12, 'float16': 121e12, 'float32': 60e12},
+    'RTX 4090': {'bfloat16': 165e12, 'float16': 165e12, 'float32': 83e12},
+    'RTX 3090': {'bfloat16': 71e12, 'float16': 71e12, 'float32': 36e12},
+    'V100': {'float16': 125e12, 'float32': 15.7e12},
+    'T4': {'float16': 65e12, 'float32': 8.1e12},
+}
+
+
+def best_device():
+    if torch.cuda.is_available():
+        return 'cuda'
+    if torch.backends.mps.is_available():
+        return 'mps'
+    return 'cpu'
+
+
+def best_dtype(device):
+    if device.startswith('cuda'):
+        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    return 'float32'
+
+
+def check_device(device, dtype):
+    """One clear line, instead of an error from deep inside torch, for a device or dtype we cannot use."""
+    if dtype not in DTYPES:
+        die(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
+    device_type = device.split(':')[0]
+    if device_type == 'cuda':
+        if not torch.cuda.is_available():
+            die(f"device '{device}' requested but CUDA is not available on this machine; use --device=cpu")
+        index = int(device.split(':')[1]) if ':' in device else 0
+        if index >= torch.cuda.device_count():
+            die(f"device '{device}' does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
+            die(f"this GPU ({torch.cuda.get_device_name(index)}) cannot do bfloat16; use --dtype=float16")
+    elif device_type == 'mps':
+        if not torch.backends.mps.is_available():
+            die(f"device '{device}' requested but MPS is only available on Apple silicon Macs; use --device=cpu")
+    elif device_type != 'cpu':
+        die(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps")
+    return device_type
+
+
+def autocast_context(device_type, dtype):
+    """Mixed precision on CUDA: matmuls in dtype, the rest in float32. CPU and MPS train in float32."""
+    if device_type != 'cuda' or dtype == 'float32':
+        return nullcontext()
+    return torch.amp.autocast(device_type=device_type, dtype=DTYPES[dtype])
+
+
+def peak_flops(device, dtype):
+    """Peak FLOP/s of the device in use: looked up by GPU name, or measured with a large matmul elsewhere."""
+    if device.startswith('cuda'):
+        name = torch.cuda.get_device_name(device)
+        for gpu, peaks in GPU_PEAK_FLOPS.items():
+            if gpu in name and dtype in peaks:
+                return peaks[dtype]
+    return measured_matmul_flops(device, DTYPES[dtype])
+
+
+def measured_matmul_flops(device, dtype, n=1024, repeats=5):
+    """The FLOP/s of an n x n matmul: a practical peak for devices without a table entry (CPUs above all)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm up
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+
+
+def sync(device):
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    elif device.startswith('mps'):
+        torch.mps.synchronize()

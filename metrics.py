@@ -1,0 +1,102 @@
+"""
+Where a training run's numbers go besides the terminal: log.jsonl (one JSON row per logged iteration or
+evaluation, appended across resumes), loss.png drawn from it, and optionally Weights & Biases.
+"""
+
+import json
+import os
+import warnings
+
+
+class MetricsLog:
+    """Appends rows to a JSON-lines file. On resume, rows from beyond the checkpoint (written by the run
+    after its last save, and about to be repeated) are dropped so that every iteration appears once."""
+
+    def __init__(self, path, resume_from=None, enabled=True):
+        self.path = path
+        self.enabled = enabled
+        if enabled and resume_from is not None and os.path.exists(path):
+            rows = read_rows(path)
+            kept = [r for r in rows if r['iter'] < resume_from or (r['iter'] == resume_from and 'val_loss' in r)]
+            with open(path, 'w') as f:
+                f.writelines(json.dumps(r) + '\n' for r in kept)
+        elif enabled and resume_from is None and os.path.exists(path):
+            os.remove(path)  # a fresh run in an old out_dir starts a fresh log
+
+    def log(self, **row):
+        if self.enabled:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(row) + '\n')
+
+
+def read_rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(log_path, png_path):
+    """Train and val loss against iterations, learning rate on a second axis; written atomically."""
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no window: works on servers and in notebooks alike
+    import matplotlib.pyplot as plt
+    if not os.path.exists(log_path):
+        return
+    rows = read_rows(log_path)
+    steps = [r for r in rows if 'loss' in r]
+    evals = [r for r in rows if 'val_loss' in r]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if steps:
+        ax.plot([r['iter'] for r in steps], [r['loss'] for r in steps], color='tab:blue', alpha=0.4,
+                linewidth=1, label='train loss (per iteration)')
+    if evals:
+        ax.plot([r['iter'] for r in evals], [r['train_loss'] for r in evals], 'o-', color='tab:blue',
+                label='train loss (eval)')
+        ax.plot([r['iter'] for r in evals], [r['val_loss'] for r in evals], 'o-', color='tab:orange',
+                label='val loss (eval)')
+    ax.set_xlabel('iteration')
+    ax.set_ylabel('loss')
+    ax.grid(alpha=0.3)
+    lr_rows = steps or evals
+    if lr_rows:
+        ax2 = ax.twinx()
+        ax2.plot([r['iter'] for r in lr_rows], [r['lr'] for r in lr_rows], color='tab:gray', linestyle='--',
+                 linewidth=1, label='learning rate')
+        ax2.set_ylabel('learning rate')
+        lines, labels = ax.get_legend_handles_labels()
+        lines2, labels2 = ax2.get_legend_handles_labels()
+        ax.legend(lines + lines2, labels + labels2, loc='upper right')
+    fig.tight_layout()
+    tmp = png_path + '.tmp.png'
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+class WandbRun:
+    """Weights & Biases logging on the master process. A resumed run continues the same wandb run (its id
+    is kept in the checkpoint); if wandb cannot start, training goes on with a warning."""
+
+    def __init__(self, enabled, project, name, config, run_id=None):
+        self.run = None
+        self.run_id = run_id
+        if not enabled:
+            return
+        try:
+            import wandb
+            self.run = wandb.init(project=project, name=name, config=config, id=run_id,
+                                  resume='allow' if run_id else None)
+            self.run_id = self.run.id
+        except Exception as e:  # no network, no login, wrong key: none of them is worth losing a run over
+            warnings.warn(f"wandb could not start ({type(e).__name__}: {e}); training continues without it")
+
+    def log(self, step, values):
+        if self.run is not None:
+            try:
+                self.run.log(values, step=step)
+            except Exception as e:
+                warnings.warn(f"wandb logging failed ({e}); training continues without it")
+                self.run = None
+
+    def finish(self):
+        if self.run is not None:
+            self.run.finish()

@@ -1,0 +1,302 @@
+"""
+The GPT-2 language model in one file, with a key/value cache for fast generation.
+References:
+1) OpenAI's GPT-2 TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) Hugging Face's PyTorch port: https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False until 2.1 and GPT-2 wants one)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to block_size."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        head_size = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens cached so far; advanced by GPT.forward after all layers
+
+    def update(self, layer, k, v):
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.layer = layer
+        # key, query, value projections for all heads, in a batch
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.flash = True  # scaled_dot_product_attention; tests switch it off to get the plain reference
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # with a cache, a single new token attends to everything cached; a prompt starts an empty cache
+        causal = kv_cache is None or T > 1
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+        if self.flash:
+            dropout_p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            if causal:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                att = att.masked_fill(~mask, float('-inf'))
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = att @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate='tanh')  # GPT-2 used the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for efficiency
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None
+        assert config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying: https://paperswithcode.com/method/weight-tying
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two to the residual stream
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count. The position embeddings are subtracted by default; the token embeddings are
+        counted because they are tied to (and so double as) the lm_head weights."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        b, t = idx.size()
+        start = kv_cache.length if kv_cache is not None else 0
+        assert start + t <= self.config.block_size, \
+            f"cannot forward a sequence of length {start + t}, block size is only {self.config.block_size}"
+        pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.length += t
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            # inference needs only the last position: skip the lm_head everywhere else
+            logits = self.lm_head(x[:, [-1], :])
+            loss = None
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context length, e.g. to finetune GPT-2 (1024) on shorter windows."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, override_args=None):
+        """GPT-2 weights from the Hugging Face hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or from a local
+        directory that transformers.GPT2LMHeadModel.from_pretrained accepts. Only dropout can be overridden."""
+        override_args = override_args or {}
+        assert set(override_args) <= {'dropout'}, 'only dropout can be overridden'
+        hf = load_hf_gpt2(name_or_path)
+        hf_config = hf.config
+        config = GPTConfig(block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
+                           n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
+                           dropout=override_args.get('dropout', 0.0), bias=True)
+        model = GPT(config)
+        sd = model.state_dict()
+        sd_hf = hf.state_dict()
+        # OpenAI's checkpoints use Conv1D modules, which store these weights transposed relative to nn.Linear
+        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        keys_hf = [k for k in sd_hf if not k.endswith(('attn.masked_bias', 'attn.bias'))]  # buffers, not weights
+        assert set(keys_hf) == set(sd), f"mismatched keys: {sorted(set(keys_hf) ^ set(sd))}"
+        with torch.no_grad():
+            for k in keys_hf:
+                sd[k].copy_(sd_hf[k].t() if k.endswith(transposed) else sd_hf[k])
+        return model
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # weight decay on matrices and embeddings (>= 2-D), none on biases and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay_params = [p for p in params if p.dim() >= 2]
+        nodecay_params = [p for p in params if p.dim() < 2]
+        optim_groups = [
+            {'params': decay_params, 'weight_decay': weight_decay},
+            {'params': nodecay_params, 'weight_decay': 0.0},
+        ]
+        # the fused kernel is one launch for all parameters instead of a dozen per tensor; it exists for CUDA and CPU
+        fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=fused or None)
+
+    def flops_per_token(self):
+        """Forward plus backward FLOPs per token, PaLM paper Appendix B: https://arxiv.org/abs/2204.02311"""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        return 6 * self.get_num_params() + 12 * L * H * Q * T
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """Model FLOPs utilization: achieved FLOP/s over the peak FLOP/s of the device in use."""
+        return self.flops_per_token() * tokens_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None,
+                 use_cache=True, on_token=None):
+        """Extend each row of idx (LongTensor (b, t)) by up to max_new_tokens sampled tokens.
+        temperature 0 is greedy decoding; top_k and top_p (nucleus) restrict sampling to the likeliest tokens.
+        Generation stops early once every row has produced stop_token. on_token(next_tokens) sees each step.
+        With use_cache the prompt is processed once and then one token per step; once the sequence outgrows
+        block_size the window slides, positions change, and the cropped window is processed anew each step,
+        which gives exactly the tokens of the uncached definition (use_cache=False), kept as the reference."""
+        kv_cache = None
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -self.config.block_size:])
+            elif kv_cache is None or idx.size(1) > self.config.block_size:
+                kv_cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                logits, _ = self(idx[:, -self.config.block_size:], kv_cache=kv_cache)
+            else:
+                logits, _ = self(idx[:, -1:], kv_cache=kv_cache)
+            idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p)
+            if stop_token is not None:
+                idx_next = idx_next.masked_fill(done[:, None], stop_token)  # finished rows keep emitting stop
+                done |= idx_next[:, 0] == stop_token
+            idx = torch.cat((idx, idx_next), dim=1)
+            if on_token is not None:
+                on_token(idx_next)
+            if stop_token is not None and done.all():
+                break
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token per row from logits (b, vocab): greedy at temperature 0, else softmax sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float('Inf')
+    if top_p is not None and top_p < 1.0:
+        # keep the smallest set of tokens whose probabilities add up to top_p (the top token always stays)
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        cum_probs = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        remove = cum_probs - F.softmax(sorted_logits, dim=-1) >= top_p
+        logits = logits.scatter(1, sorted_idx, sorted_logits.masked_fill(remove, -float('Inf')))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1)
+
+
+HUB_MODELS = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # 124M, 350M, 774M, 1558M parameters
+
+
+def load_hf_gpt2(name_or_path):
+    """transformers' GPT2LMHeadModel from a hub name or a local directory, or a one-line ValueError."""
+    import os
+    from transformers import GPT2LMHeadModel
+    if name_or_path not in HUB_MODELS and not os.path.isdir(name_or_path):
+        raise ValueError(f"unknown model '{name_or_path}': use one of {', '.join(HUB_MODELS)} "
+                         "or a local directory saved with transformers' save_pretrained")
+    try:
+        return GPT2LMHeadModel.from_pretrained(name_or_path)
+    except OSError as e:
+        if os.path.isdir(name_or_path):
+            raise ValueError(f"'{name_or_path}' holds no GPT-2 weights that transformers can load "
+                             f"(expected config.json and model.safetensors or pytorch_model.bin): {e}") from None
+        raise ValueError(f"could not download the weights of '{name_or_path}' from the Hugging Face hub "
+                         "(no network?); download them elsewhere with GPT2LMHeadModel.from_pretrained(...)"
+                         ".save_pretrained(DIR) and set init_from=DIR") from None

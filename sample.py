@@ -1,0 +1,138 @@
+"""
+Sample from a trained model, or from GPT-2 weights.
+$ python sample.py --out_dir=out-shakespeare-char
+$ python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
+By default it loads out_dir/best.pt (the model with the best validation loss) if there is one, else
+out_dir/ckpt.pt (the latest); --checkpoint=ckpt.pt picks the latest explicitly.
+"""
+
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from checkpoint import dataset_dir, is_pretrained_name, load_checkpoint, load_meta, model_from_checkpoint, pretrained_model
+from configurator import configure, die, settings_of
+from hardware import autocast_context, best_device, best_dtype, check_device
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (from out_dir), a GPT-2 name ('gpt2' ... 'gpt2-xl') or a local Hugging Face directory
+out_dir = 'out'  # ignored if init_from is not 'resume'
+checkpoint = ''  # file in out_dir to load; '' means best.pt if present, else ckpt.pt
+start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
+num_samples = 10  # number of samples to draw, generated together in one batch
+max_new_tokens = 500  # number of tokens generated in each sample
+temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, 0 = greedy
+top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability; 0 disables
+top_p = 1.0  # nucleus sampling: retain the likeliest tokens that add up to top_p probability; 1.0 disables
+seed = 1337
+device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'
+dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' on CUDA; 'auto' is bfloat16 where supported, else float16
+compile = False  # use PyTorch 2.0 to compile the model to be faster
+# -----------------------------------------------------------------------------
+configure(globals())
+device_type = check_device(device, 'float32' if dtype == 'auto' else dtype)
+dtype = best_dtype(device) if dtype == 'auto' else dtype
+torch.manual_seed(seed)
+torch.cuda.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+ctx = autocast_context(device_type, dtype)
+
+# model
+meta = None
+if init_from == 'resume':
+    name = checkpoint or ('best.pt' if os.path.exists(os.path.join(out_dir, 'best.pt')) else 'ckpt.pt')
+    ckpt = load_checkpoint(os.path.join(out_dir, name))
+    model = model_from_checkpoint(ckpt)
+    dataset = ckpt.get('config', {}).get('dataset')
+    meta = load_meta(dataset_dir(dataset)) if dataset else None
+    print(f"loaded {os.path.join(out_dir, name)} (iter {ckpt.get('iter_num', '?')}, "
+          f"best val loss {float(ckpt.get('best_val_loss', float('nan'))):.4f})", file=sys.stderr)
+elif is_pretrained_name(init_from):
+    model = pretrained_model(init_from)
+else:
+    die(f"unknown init_from '{init_from}': use resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+        "or a local directory holding Hugging Face GPT-2 weights")
+model.eval()
+model.to(device)
+if compile:
+    model.forward = torch.compile(model.forward, dynamic=True)  # generate() calls it once per token
+
+# encoding: the dataset's characters if it has a meta.pkl, else GPT-2's BPE
+if meta is not None:
+    stoi, itos = meta['stoi'], meta['itos']
+    stop_token = None
+
+    def encode(s):
+        unknown = sorted(set(s) - set(stoi))
+        if unknown:
+            die(f"the prompt contains characters the model has never seen: {''.join(unknown)!r}")
+        return [stoi[c] for c in s]
+
+    def decode(ids):
+        return ''.join(itos[i] for i in ids)
+else:
+    import tiktoken
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        die(f"could not load tiktoken's GPT-2 encoding ({type(e).__name__}); it is downloaded on first use, or "
+            "point TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cache")
+    stop_token = enc.eot_token  # a BPE model marks the end of a document with <|endoftext|>
+
+    def encode(s):
+        return enc.encode(s, allowed_special={"<|endoftext|>"})
+
+    def decode(ids):
+        return enc.decode(ids)
+
+# encode the beginning of the prompt
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], 'r', encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"could not read the prompt file '{start[5:]}': {getattr(e, 'strerror', None) or e}")
+start_ids = encode(start)
+if not start_ids:
+    die("the prompt is empty; give at least one token with --start=...")
+if len(start_ids) > model.config.block_size:
+    print(f"note: the prompt has {len(start_ids)} tokens, more than the model's context of "
+          f"{model.config.block_size}; only its last {model.config.block_size} tokens are seen", file=sys.stderr)
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...].expand(num_samples, -1)
+
+
+def stream(next_tokens):
+    """With one sample, print its text as it grows; decoding the whole so far keeps multi-byte characters intact."""
+    global printed
+    if next_tokens[0].item() == stop_token:
+        return
+    generated.append(next_tokens[0].item())
+    text = decode(generated)
+    if not text.endswith('\ufffd'):  # wait for the rest of a character split over several tokens
+        print(text[len(printed):], end='', flush=True)
+        printed = text
+
+
+# run generation
+printed, generated = '', []
+with torch.no_grad(), ctx:
+    if num_samples == 1:
+        print(start, end='', flush=True)
+        model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                       stop_token=stop_token, on_token=stream)
+        print(decode(generated)[len(printed):])
+        print('---------------')
+    else:
+        # a progress bar on stderr while the batch is generated; none when stderr is not a terminal
+        with tqdm(total=max_new_tokens, desc='generating', unit='tok', file=sys.stderr, disable=None) as bar:
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                               stop_token=stop_token, on_token=lambda _: bar.update())
+        for row in y.tolist():
+            tokens = row[len(start_ids):]
+            if stop_token is not None and stop_token in tokens:
+                tokens = tokens[:tokens.index(stop_token)]
+            print(start + decode(tokens))
+            print('---------------')

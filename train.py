@@ -1,0 +1,396 @@
+"""
+This training script runs on a single device (GPU, Apple silicon or CPU) or, under torchrun, with
+distributed data parallel (DDP) on one node or many.
+
+To run on a single device, example:
+$ python train.py config/train_shakespeare_char.py
+
+To run with DDP on 8 GPUs on 1 node, example:
+$ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+
+To run with DDP on 4 GPUs across 2 nodes, example:
+- Run on the first (master) node with example IP 123.456.123.456:
+$ torchrun --nproc_per_node=2 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 train.py
+- Run on the worker node:
+$ torchrun --nproc_per_node=2 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py
+(If your cluster does not have Infiniband interconnect prepend NCCL_IB_DISABLE=1)
+
+The run's whole future is a function of its checkpoint and (seed, iter_num): the batches of step k and the
+dropout masks are drawn from generators seeded with them, so a resumed run repeats the uninterrupted one
+exactly, and the examples of a step do not depend on how many processes share it.
+"""
+
+import atexit
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import (MODEL_SHAPE_KEYS, dataset_dir, is_pretrained_name, load_checkpoint, load_meta,
+                        model_from_checkpoint, pretrained_model, save_checkpoint)
+from configurator import configure, die, settings_of
+from hardware import autocast_context, best_device, best_dtype, check_device, peak_flops as device_peak_flops
+from metrics import MetricsLog, WandbRun, plot_losses
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# default config values designed to train a gpt2 (124M) on OpenWebText
+# I/O
+out_dir = 'out'
+eval_interval = 2000
+log_interval = 1
+eval_iters = 200
+eval_only = False  # if True, script exits right after the first eval
+always_save_checkpoint = True  # if False, ckpt.pt is only rewritten when val improves (best.pt always holds the best)
+init_from = 'scratch'  # 'scratch', 'resume', a GPT-2 name ('gpt2' ... 'gpt2-xl') or a local Hugging Face directory
+# wandb logging
+wandb_log = False  # disabled by default
+wandb_project = 'owt'
+wandb_run_name = 'gpt2'
+# data
+dataset = 'openwebtext'  # a folder under data/, or a path to a folder holding train.bin and val.bin
+gradient_accumulation_steps = 5 * 8  # used to simulate larger batch sizes; global, split over the processes
+batch_size = 12  # if gradient_accumulation_steps > 1, this is the micro-batch size
+block_size = 1024
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
+bias = False  # do we use bias inside LayerNorm and Linear layers?
+# adamw optimizer
+learning_rate = 6e-4  # max learning rate
+max_iters = 600000  # total number of training iterations
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients at this value, or disable if == 0.0
+# learning rate decay settings
+decay_lr = True  # whether to decay the learning rate
+warmup_iters = 2000  # how many steps to warm up for
+lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
+min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
+# DDP settings
+backend = ''  # '' picks nccl on CUDA and gloo on CPU; or 'nccl', 'gloo'
+# system
+device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the best one this machine has
+dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' on CUDA; 'auto' is bfloat16 where supported, else float16
+compile = device == 'cuda'  # torch.compile pays off on GPUs; on CPUs its start-up cost outweighs the gain
+seed = 1337
+peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks the GPU up by name, or measures a CPU
+# -----------------------------------------------------------------------------
+config_keys = settings_of(globals())
+user_keys = configure(globals())  # overrides from the command line or config files
+checkpoint = None
+if init_from == 'resume':
+    # a resumed run continues with its saved settings; what is given now (e.g. a larger max_iters) wins,
+    # except the machine-specific ones, which are always this run's
+    checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    machine_keys = {'out_dir', 'init_from', 'device', 'dtype', 'compile', 'backend', 'peak_flops'}
+    for k, v in checkpoint.get('config', {}).items():
+        if k in config_keys and k not in user_keys and k not in machine_keys and type(v) is type(globals()[k]):
+            globals()[k] = v
+    for k in MODEL_SHAPE_KEYS:
+        if k in user_keys and globals().get(k) != checkpoint['model_args'][k]:
+            die(f"{k}={globals()[k]} contradicts the checkpoint's {k}={checkpoint['model_args'][k]}; "
+                f"a resumed model keeps its shape, so drop --{k}")
+config = {k: globals()[k] for k in config_keys}  # will be useful for logging and checkpoints
+# -----------------------------------------------------------------------------
+
+# various inits, derived attributes, I/O setup
+ddp = int(os.environ.get('RANK', -1)) != -1  # is this a torchrun launch?
+if ddp:
+    ddp_rank = int(os.environ['RANK'])
+    ddp_local_rank = int(os.environ['LOCAL_RANK'])
+    ddp_world_size = int(os.environ['WORLD_SIZE'])
+    if gradient_accumulation_steps % ddp_world_size != 0:  # checked on every rank before any collective: no hang
+        valid = [n for n in range(ddp_world_size, 8 * ddp_world_size + 1, ddp_world_size)]
+        die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of "
+            f"processes ({ddp_world_size}); e.g. use one of {valid}")
+    if device.startswith('cuda'):
+        device = f'cuda:{ddp_local_rank}'
+else:
+    ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
+master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
+device_type = check_device(device, 'float32' if dtype == 'auto' else dtype)
+dtype = best_dtype(device) if dtype == 'auto' else dtype
+if ddp:
+    if device_type == 'cuda':
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend or ('nccl' if device_type == 'cuda' else 'gloo'))
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # also on errors
+    # a CPU-side group for the stop flag, so checking it every step does not wait for the GPU
+    control_group = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else None
+micro_steps = gradient_accumulation_steps // ddp_world_size  # per process
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+ctx = autocast_context(device_type, dtype)
+
+# data: train.bin and val.bin are uint16 token ids, read through memmaps so they never need to fit in memory
+data_dir = dataset_dir(dataset)
+if not os.path.exists(os.path.join(data_dir, 'train.bin')):
+    prepare_script = os.path.join(data_dir, 'prepare.py')
+    if os.path.basename(data_dir) not in ('shakespeare_char', 'shakespeare') or not os.path.exists(prepare_script):
+        die(f"no train.bin in {data_dir}; prepare the dataset first: python {prepare_script}")
+    if ddp_local_rank == 0:  # small datasets are prepared on the spot, once per node
+        print(f"dataset '{dataset}' is not prepared yet; running {prepare_script}", flush=True)
+        if subprocess.run([sys.executable, prepare_script]).returncode != 0:
+            die(f"{prepare_script} failed; see its message above")
+    if ddp:
+        dist.barrier()
+train_data = np.memmap(os.path.join(data_dir, 'train.bin'), dtype=np.uint16, mode='r')
+val_data = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
+for split, data in (('train', train_data), ('val', val_data)):
+    if len(data) <= block_size:
+        die(f"the {split} split of '{dataset}' has {len(data)} tokens, too few for block_size={block_size}; "
+            "use a smaller --block_size or more data")
+offsets = np.arange(block_size + 1)
+
+
+def get_batch(split, key):
+    """batch_size random windows of the split, drawn from a generator seeded with key."""
+    data = train_data if split == 'train' else val_data
+    ix = np.random.default_rng(key).integers(len(data) - block_size, size=batch_size)
+    windows = torch.from_numpy(data[ix[:, None] + offsets].astype(np.int64))  # one gather from the memmap
+    x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+    if device_type == 'cuda':
+        # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def train_key(step, micro_step):
+    """Micro-batch micro_step (0 .. gradient_accumulation_steps-1, over all processes) of optimizer step."""
+    return [seed, 0, step, micro_step]
+
+
+# attempt to derive vocab_size from the dataset
+meta = load_meta(data_dir)
+meta_vocab_size = meta['vocab_size'] if meta else None
+if meta and master_process:
+    print(f"found vocab_size = {meta_vocab_size} (inside {os.path.join(data_dir, 'meta.pkl')})")
+
+# model init
+torch.manual_seed(seed)  # the same initial weights on every process and in every run with this seed
+iter_num = 0
+best_val_loss = float('inf')
+if init_from == 'scratch':
+    if master_process:
+        print("Initializing a new model from scratch")
+    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                      vocab_size=meta_vocab_size or 50304, dropout=dropout)  # 50304: GPT-2's 50257, padded
+    model = GPT(GPTConfig(**model_args))
+elif init_from == 'resume':
+    if master_process:
+        print(f"Resuming training from {out_dir} at iter {checkpoint['iter_num']}")
+    model = model_from_checkpoint(checkpoint, dropout=dropout)
+    iter_num = checkpoint['iter_num']
+    best_val_loss = float(checkpoint['best_val_loss'])
+elif is_pretrained_name(init_from):
+    if master_process:
+        print(f"Initializing from GPT-2 weights: {init_from}")
+    model = pretrained_model(init_from, dropout=dropout)
+else:
+    die(f"unknown init_from '{init_from}': use scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+        "or a local directory holding Hugging Face GPT-2 weights")
+if block_size < model.config.block_size:
+    model.crop_block_size(block_size)  # e.g. GPT-2's 1024 cropped to a shorter context for finetuning
+if block_size > model.config.block_size:
+    die(f"block_size={block_size} is larger than the model's {model.config.block_size}")
+if meta_vocab_size and meta_vocab_size > model.config.vocab_size:
+    die(f"dataset '{dataset}' has {meta_vocab_size} tokens in its vocabulary, more than the model's "
+        f"{model.config.vocab_size}; train from scratch on it instead")
+model_args = {k: getattr(model.config, k) for k in MODEL_SHAPE_KEYS + ('dropout',)}
+model.to(device)
+
+# initialize a GradScaler. If enabled=False scaler is a no-op
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16' and device_type == 'cuda'))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if init_from == 'resume':
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    if 'scaler' in checkpoint:
+        scaler.load_state_dict(checkpoint['scaler'])
+resumed_at = iter_num if init_from == 'resume' else None  # its evaluation happened before the checkpoint
+
+if compile:
+    if master_process:
+        print("compiling the model... (takes a ~minute)")
+    model = torch.compile(model)
+train_model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None) if ddp else model
+raw_model = train_model.module if ddp else model
+raw_model = getattr(raw_model, '_orig_mod', raw_model)  # unwrap torch.compile too
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters fixed batches per split; the batches are shared out over the processes."""
+    out = {}
+    model.eval()
+    for split_index, split in enumerate(('train', 'val')):
+        totals = torch.zeros(2, device=device)  # loss sum, batch count
+        for k in range(ddp_rank, eval_iters, ddp_world_size):
+            X, Y = get_batch(split, [seed, 1 + split_index, k])
+            with ctx:
+                _, loss = model(X, Y)
+            totals += torch.stack((loss.float(), torch.ones((), device=device)))
+        if ddp:
+            dist.all_reduce(totals)
+        out[split] = (totals[0] / totals[1]).item()
+    model.train()
+    return out
+
+
+def get_lr(it):
+    """Learning rate: linear warmup, then cosine decay down to min_lr at lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def checkpoint_state(with_optimizer=True):
+    state = {'model': raw_model.state_dict(), 'model_args': model_args, 'iter_num': iter_num,
+             'best_val_loss': best_val_loss, 'config': config, 'wandb_run_id': wandb_run.run_id}
+    if with_optimizer:
+        state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
+    return state
+
+
+# stop cleanly on Ctrl-C (SIGINT) or a cluster's pre-emption notice (SIGTERM): finish the step, save, exit
+stop_signal = None
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signal.Signals(signum).name
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+
+def should_stop():
+    """True when any process got a stop signal; under DDP all processes agree on the same step."""
+    if not ddp:
+        return stop_signal is not None
+    flag = torch.tensor([stop_signal is not None], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group)
+    return bool(flag.item())
+
+
+def nonfinite_loss_error(value, where):
+    return (f"the {where} is {value} at iter {iter_num}; training stopped and the last checkpoint was kept. "
+            "Usual fixes: a lower learning_rate, dtype=bfloat16 instead of float16, or grad_clip=1.0")
+
+
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+    n_params = raw_model.get_num_params()
+    print(f"run: device {device} x {ddp_world_size} process(es), dtype {dtype if device_type == 'cuda' else 'float32'}, "
+          f"compile {'on' if compile else 'off'}, {n_params / 1e6:.2f}M parameters, "
+          f"{tokens_per_iter:,} tokens per iteration, checkpoints in {os.path.abspath(out_dir)}")
+metrics = MetricsLog(os.path.join(out_dir, 'log.jsonl'), resume_from=resumed_at, enabled=master_process)
+wandb_run = WandbRun(wandb_log and master_process, wandb_project, wandb_run_name, config,
+                     checkpoint.get('wandb_run_id') if checkpoint else None)
+checkpoint = None  # free up memory
+peak = peak_flops or device_peak_flops(device, dtype if device_type == 'cuda' else 'float32')
+
+# training loop
+X, Y = get_batch('train', train_key(iter_num, ddp_rank * micro_steps))  # fetch the very first batch
+t0 = time.time()
+local_iter_num = 0  # number of iterations in the lifetime of this process
+running_mfu = -1.0
+while True:
+    # determine and set the learning rate for this iteration
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+    # evaluate the loss on train/val sets and write checkpoints
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at or eval_only:
+        losses = estimate_loss()
+        if not all(math.isfinite(v) for v in losses.values()):
+            die(nonfinite_loss_error(losses, 'evaluation loss'))
+        if master_process:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            metrics.log(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr)
+            wandb_run.log(iter_num, {'val/loss': losses['val'], 'train/eval_loss': losses['train'], 'mfu': running_mfu * 100})
+        improved = losses['val'] < best_val_loss
+        best_val_loss = min(best_val_loss, losses['val'])
+        if master_process and iter_num > 0 and not eval_only:
+            if improved:
+                save_checkpoint(checkpoint_state(with_optimizer=False), os.path.join(out_dir, 'best.pt'))
+            if improved or always_save_checkpoint:
+                print(f"saving checkpoint to {out_dir}")
+                save_checkpoint(checkpoint_state(), os.path.join(out_dir, 'ckpt.pt'))
+            plot_losses(metrics.path, os.path.join(out_dir, 'loss.png'))
+    if eval_only:
+        break
+    if iter_num >= max_iters or should_stop():
+        if local_iter_num > 0 and not math.isfinite(lossf := loss_sum.item()):
+            die(nonfinite_loss_error(lossf, 'training loss'))
+        saved_at_eval = iter_num % eval_interval == 0 or iter_num == max_iters
+        if master_process and iter_num != resumed_at and not (saved_at_eval and always_save_checkpoint):
+            save_checkpoint(checkpoint_state(), os.path.join(out_dir, 'ckpt.pt'))
+            plot_losses(metrics.path, os.path.join(out_dir, 'loss.png'))
+        if stop_signal is not None or iter_num < max_iters:
+            if master_process:
+                print(f"stopped by {stop_signal or 'another process'} at iter {iter_num}; checkpoint saved in "
+                      f"{out_dir}/ckpt.pt. Resume with the same command plus --init_from=resume")
+        break
+
+    # dropout masks depend on (seed, step, process) only, so a resumed run draws the same ones
+    torch.manual_seed(seed + 1_000_003 * iter_num + ddp_rank)
+    loss_sum = torch.zeros((), device=device)
+    # forward backward update, with optional gradient accumulation to simulate larger batch size
+    for micro_step in range(micro_steps):
+        if ddp:
+            # only sync gradients at the last micro step, instead of after every one
+            train_model.require_backward_grad_sync = (micro_step == micro_steps - 1)
+        with ctx:
+            _, loss = train_model(X, Y)
+            loss = loss / micro_steps  # scale the loss to account for gradient accumulation
+        # immediately async prefetch next batch while model is doing the forward pass on the GPU
+        last = micro_step == micro_steps - 1
+        X, Y = get_batch('train', train_key(iter_num + last, ddp_rank * micro_steps + (0 if last else micro_step + 1)))
+        loss_sum += loss.detach()
+        scaler.scale(loss).backward()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # skips the step (and lowers the scale) if float16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)  # flush the gradients as soon as we can, no need for this memory anymore
+
+    # timing and logging
+    t1 = time.time()
+    dt = t1 - t0
+    t0 = t1
+    if iter_num % log_interval == 0:
+        if ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        lossf = loss_sum.item()  # the mean over all micro-batches of the step; a CPU-GPU sync point
+        if not math.isfinite(lossf):
+            die(nonfinite_loss_error(lossf, 'training loss'))
+        if local_iter_num >= 5:  # let the training loop settle a bit
+            mfu = raw_model.estimate_mfu(tokens_per_iter / ddp_world_size, dt, peak)
+            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+        if master_process:
+            print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {running_mfu * 100:.2f}%")
+            metrics.log(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, mfu=running_mfu * 100)
+            wandb_run.log(iter_num, {'train/loss': lossf, 'lr': lr})
+    iter_num += 1
+    local_iter_num += 1
+
+wandb_run.finish()
