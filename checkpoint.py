@@ -64,8 +64,10 @@ def load_checkpoint(path):
         die(f"{path} is not a readable checkpoint (truncated, corrupt, or not written by train.py): {first_line}")
     if not isinstance(checkpoint, dict) or not {'model', 'model_args'} <= set(checkpoint):
         die(f"{path} is not a checkpoint written by train.py or nanoGPT (it lacks 'model' and 'model_args')")
-    # torch.compile wraps the model and prefixes its keys; nanoGPT saved them that way
-    checkpoint['model'] = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
+    # torch.compile wraps the model and prefixes its keys, and nanoGPT on old torch saved a causal mask
+    # buffer as attn.bias: neither is a weight of ours
+    checkpoint['model'] = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()
+                           if not k.endswith('.attn.bias')}
     return checkpoint
 
 

@@ -4,6 +4,7 @@ nanoGPT's configuration convention, with clear errors. A script defines its sett
 which runs each positional argument as a Python config file, then applies each --key=value override:
 $ python train.py config/override_file.py --batch_size=32
 Values are parsed as Python literals (strings otherwise) and must match the type of the default.
+What was overridden is echoed on stderr, keeping stdout for the script's output (samples, say).
 Any mistake stops the script with one line on stderr and exit code 2.
 """
 
@@ -84,7 +85,7 @@ def configure(namespace, argv=None):
         except ValueError as e:
             die(str(e), code=2)
         user_keys.add(key)
-        print(f"Overriding: {key} = {namespace[key]!r}")
+        print(f"Overriding: {key} = {namespace[key]!r}", file=sys.stderr)
     return user_keys
 
 
@@ -95,8 +96,7 @@ def apply_config_file(namespace, known, path):
     except OSError as e:
         die(f"config file '{path}' could not be read ({e.strerror}); config files are passed as paths, "
             "e.g. python train.py config/train_shakespeare_char.py", code=2)
-    print(f"Overriding config with {path}:")
-    print(source)
+    print(f"Overriding config with {path}:\n{source}", file=sys.stderr)
     scope = {k: namespace[k] for k in known}  # a config file may build on the values set so far
     scope['__file__'] = path  # and find the config files beside it
     try:

@@ -202,7 +202,7 @@ class GPT(nn.Module):
         sd_hf = hf.state_dict()
         # OpenAI's checkpoints use Conv1D modules, which store these weights transposed relative to nn.Linear
         transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-        keys_hf = [k for k in sd_hf if not k.endswith(('attn.masked_bias', 'attn.bias'))]  # buffers, not weights
+        keys_hf = [k for k in sd_hf if not k.endswith(('.attn.masked_bias', '.attn.bias'))]  # buffers, not weights
         assert set(keys_hf) == set(sd), f"mismatched keys: {sorted(set(keys_hf) ^ set(sd))}"
         with torch.no_grad():
             for k in keys_hf:

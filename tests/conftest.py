@@ -1,0 +1,53 @@
+"""Shared test setup: the scripts live at the repository root, so make them importable."""
+
+import os
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+
+# test data for the dataset tests, found through NANOGPT_DATA_DIR (CI points it at a folder holding
+# tinyshakespeare/input.txt and tiktoken/, tiktoken's cache of the GPT-2 BPE files)
+
+@pytest.fixture
+def shakespeare_path():
+    """Path of tiny Shakespeare's input.txt, or skip the test when it is not available."""
+    data_dir = os.environ.get('NANOGPT_DATA_DIR')
+    path = os.path.join(data_dir, 'tinyshakespeare', 'input.txt') if data_dir else None
+    if path is None or not os.path.isfile(path):
+        pytest.skip("tiny Shakespeare not found: set NANOGPT_DATA_DIR to the folder holding tinyshakespeare/input.txt")
+    return path
+
+
+@pytest.fixture
+def tiktoken_cache(monkeypatch):
+    """Make tiktoken's GPT-2 BPE loadable without network (here and in subprocesses), or skip the test."""
+    if os.environ.get('TIKTOKEN_CACHE_DIR'):
+        return os.environ['TIKTOKEN_CACHE_DIR']
+    data_dir = os.environ.get('NANOGPT_DATA_DIR')
+    cache_dir = os.path.join(data_dir, 'tiktoken') if data_dir else None
+    if cache_dir is None or not os.path.isdir(cache_dir):
+        pytest.skip("tiktoken's GPT-2 BPE files not found: set NANOGPT_DATA_DIR to the folder holding tiktoken/ "
+                    "(or TIKTOKEN_CACHE_DIR to tiktoken's cache)")
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', cache_dir)
+    return cache_dir
+
+
+# a small text for the end-to-end tests: made here, so they need no downloaded data
+
+@pytest.fixture(scope='session')
+def small_text():
+    """About 60k characters of pseudo-English with enough structure that a tiny char model learns it."""
+    import random
+    rng = random.Random(0)
+    words = ('the king queen lord lady speak thou thee thy love death night day sword crown blood heart '
+             'fair good noble sweet old young man woman god heaven earth fire hath doth shall will').split()
+    lines = []
+    while sum(len(line) + 1 for line in lines) < 60_000:
+        name = rng.choice(('KING', 'QUEEN', 'HAMLET', 'ROMEO', 'JULIET'))
+        lines.append(f"{name}:\n" + ' '.join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + '.\n')
+    return '\n'.join(lines)

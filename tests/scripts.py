@@ -1,0 +1,80 @@
+"""Helpers for the end-to-end tests: run the real scripts as subprocesses and read the lines a user reads."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# a model small enough that a few dozen iterations take seconds on a CPU
+TINY = dict(device='cpu', compile=False, dtype='float32', n_layer=2, n_head=2, n_embd=32, block_size=32,
+            batch_size=4, gradient_accumulation_steps=1, max_iters=20, eval_interval=10, eval_iters=4,
+            log_interval=1, warmup_iters=2, lr_decay_iters=40, learning_rate=1e-2, min_lr=1e-3, dropout=0.0,
+            bias=False, wandb_log=False, always_save_checkpoint=True)
+
+
+def script_env(**extra):
+    """The environment for a script: unbuffered output, one thread per process (tests run side by side)."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', WANDB_MODE='offline',
+               WANDB_SILENT='true')
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def args_of(settings):
+    return [f'--{k}={v}' for k, v in settings.items()]
+
+
+def run_script(script, *args, cwd=None, env=None, timeout=300, check=True):
+    """Run a repository script (e.g. 'train.py') with args; returns the CompletedProcess."""
+    cmd = [sys.executable, os.path.join(REPO_ROOT, script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd or REPO_ROOT, env=env or script_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed with exit code {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train(dataset, out_dir, check=True, env=None, **overrides):
+    """train.py with the TINY settings, overridden by keyword arguments."""
+    settings = dict(TINY, dataset=dataset, out_dir=out_dir)
+    settings.update(overrides)
+    return run_script('train.py', *args_of(settings), check=check, env=env)
+
+
+def iter_losses(stdout):
+    """{iter: loss} from the 'iter N: loss X, ...' lines."""
+    return {int(n): float(x) for n, x in re.findall(r'^iter (\d+): loss ([-\d.naninf]+),', stdout, re.M)}
+
+
+def eval_losses(stdout):
+    """{step: (train loss, val loss)} from the 'step N: train loss X, val loss Y' lines."""
+    return {int(n): (float(a), float(b))
+            for n, a, b in re.findall(r'^step (\d+): train loss ([\d.]+), val loss ([\d.]+)', stdout, re.M)}
+
+
+def prepare_char_dataset(root, text):
+    """Run the real data/shakespeare_char/prepare.py (copied under root) on text; returns the dataset dir."""
+    data_dir = os.path.join(root, 'data', 'shakespeare_char')
+    os.makedirs(data_dir, exist_ok=True)
+    shutil.copy(os.path.join(REPO_ROOT, 'data', 'shakespeare_char', 'prepare.py'), data_dir)
+    shutil.copy(os.path.join(REPO_ROOT, 'data', 'prepare_utils.py'), os.path.join(root, 'data'))
+    input_path = os.path.join(root, 'input_text.txt')
+    with open(input_path, 'w', encoding='utf-8') as f:
+        f.write(text)
+    subprocess.run([sys.executable, os.path.join(data_dir, 'prepare.py'), f'--input={input_path}'],
+                   check=True, capture_output=True, env=script_env())
+    return data_dir
+
+
+def assert_one_line_error(proc):
+    """A user mistake: non-zero exit, no traceback, and stderr ends with the one 'error:' line it has
+    (before it stderr may only echo the settings, as every run does)."""
+    assert proc.returncode != 0, f"expected a failure, got exit 0:\n{proc.stdout[-2000:]}"
+    assert 'Traceback' not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith('error:')]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
+    return errors[0]

@@ -1,0 +1,317 @@
+"""
+Tests for the data/*/prepare.py scripts. Each test copies a script (and data/prepare_utils.py) into a temp
+dir and runs it there as a real subprocess, then checks the outputs against an independent oracle:
+the input text itself, tiktoken run in the test, and the datasets library's own train/val split.
+"""
+import json
+import os
+import pickle
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+DEAD_PROXY = 'http://127.0.0.1:9'  # nothing listens on the discard port, so requests fail at once
+EOT = 50256  # gpt2's <|endoftext|>
+
+
+def install(tmp_path, name):
+    """Copy data/<name>/prepare.py and data/prepare_utils.py under tmp_path; return the copied script's path."""
+    script_dir = tmp_path / 'data' / name
+    script_dir.mkdir(parents=True)
+    shutil.copy(os.path.join(REPO, 'data', name, 'prepare.py'), script_dir)
+    shutil.copy(os.path.join(REPO, 'data', 'prepare_utils.py'), tmp_path / 'data')
+    return script_dir / 'prepare.py'
+
+
+def run(script, *args, env=None):
+    return subprocess.run([sys.executable, str(script), *args], cwd=script.parent, env=env,
+                          capture_output=True, text=True, encoding='utf-8', timeout=300)
+
+
+def offline_env(**extra):
+    env = dict(os.environ, http_proxy=DEAD_PROXY, https_proxy=DEAD_PROXY, HTTP_PROXY=DEAD_PROXY,
+               HTTPS_PROXY=DEAD_PROXY, **extra)
+    env.pop('no_proxy', None)
+    env.pop('NO_PROXY', None)
+    return env
+
+
+def assert_one_line_error(result):
+    assert result.returncode != 0
+    assert 'Traceback' not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error:'), result.stderr
+    return lines[0]
+
+
+def tokens(path):
+    return np.fromfile(path, dtype=np.uint16)
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    # any class or function in the pickle means it is not plain data
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"meta.pkl names {module}.{name}")
+
+
+def load_meta(path):
+    with open(path, 'rb') as f:
+        return PlainDataUnpickler(f).load()
+
+
+def make_text(n_words=900, seed=0):
+    rng = random.Random(seed)
+    words = ['to', 'be', 'or', 'not', 'café', 'naïve', '—', 'Ωmega', '日本語', 'über', '!', '\n', '  ', 'Thou', 'art']
+    return ' '.join(rng.choice(words) for _ in range(n_words))
+
+
+# -----------------------------------------------------------------------------
+# shakespeare_char
+
+def check_char_outputs(script_dir, text):
+    """The bins decode to the text's first 90% / last 10% and the vocabulary is the text's sorted characters."""
+    meta = load_meta(script_dir / 'meta.pkl')
+    chars = sorted(set(text))
+    assert set(meta) == {'vocab_size', 'itos', 'stoi'}
+    assert meta['vocab_size'] == len(chars)
+    assert meta['itos'] == dict(enumerate(chars))
+    assert meta['stoi'] == {ch: i for i, ch in enumerate(chars)}
+    train, val = tokens(script_dir / 'train.bin'), tokens(script_dir / 'val.bin')
+    n_train = int(len(text) * 0.9)
+    assert ''.join(meta['itos'][i] for i in train.tolist()) == text[:n_train]
+    assert ''.join(meta['itos'][i] for i in val.tolist()) == text[n_train:]
+    return meta, train, val
+
+
+def test_char_prepare_small_text(tmp_path):
+    script = install(tmp_path, 'shakespeare_char')
+    text = make_text()
+    input_path = tmp_path / 'text.txt'
+    input_path.write_text(text, encoding='utf-8')
+    result = run(script, f'--input={input_path}')
+    assert result.returncode == 0, result.stderr
+    meta, train, val = check_char_outputs(script.parent, text)
+    assert f"length of dataset in characters: {len(text):,}" in result.stdout
+    assert f"vocab size: {meta['vocab_size']}" in result.stdout
+    assert f"train has {len(train):,} tokens" in result.stdout
+    assert f"val has {len(val):,} tokens" in result.stdout
+    # only the outputs, no temp files left over
+    assert sorted(os.listdir(script.parent)) == ['meta.pkl', 'prepare.py', 'train.bin', 'val.bin']
+
+
+def distinct_chars(n):
+    # n different characters that UTF-8 can encode (surrogates cannot be)
+    codepoints = (c for c in range(0x20, 0x110000) if not 0xD800 <= c <= 0xDFFF)
+    return ''.join(chr(next(codepoints)) for _ in range(n))
+
+
+def test_char_prepare_vocab_limit(tmp_path):
+    # uint16 ids 0..65535: 65,536 distinct characters fit, one more does not
+    script = install(tmp_path, 'shakespeare_char')
+    input_path = tmp_path / 'text.txt'
+    text = distinct_chars(65536)
+    input_path.write_text(text, encoding='utf-8')
+    result = run(script, f'--input={input_path}')
+    assert result.returncode == 0, result.stderr
+    check_char_outputs(script.parent, text)
+
+    for name in ('train.bin', 'val.bin', 'meta.pkl'):
+        os.remove(script.parent / name)
+    input_path.write_text(distinct_chars(65537), encoding='utf-8')
+    line = assert_one_line_error(run(script, f'--input={input_path}'))
+    assert '65,537' in line
+    assert not (script.parent / 'train.bin').exists()
+
+
+@pytest.mark.slow
+def test_char_prepare_tiny_shakespeare(tmp_path, shakespeare_path):
+    script = install(tmp_path, 'shakespeare_char')
+    result = run(script, f'--input={shakespeare_path}')
+    assert result.returncode == 0, result.stderr
+    with open(shakespeare_path, encoding='utf-8') as f:
+        text = f.read()
+    meta, train, val = check_char_outputs(script.parent, text)
+    assert len(train) == int(len(text) * 0.9) and len(val) == len(text) - len(train)
+    # the figures quoted in data/shakespeare_char/readme.md
+    assert (meta['vocab_size'], len(train), len(val)) == (65, 1_003_854, 111_540)
+    assert "vocab size: 65\n" in result.stdout
+    assert "train has 1,003,854 tokens\n" in result.stdout
+    assert "val has 111,540 tokens\n" in result.stdout
+
+
+# -----------------------------------------------------------------------------
+# shakespeare (gpt2 bpe)
+
+@pytest.mark.slow
+def test_bpe_prepare_tiny_shakespeare(tmp_path, shakespeare_path, tiktoken_cache):
+    import tiktoken
+    script = install(tmp_path, 'shakespeare')
+    result = run(script, f'--input={shakespeare_path}')
+    assert result.returncode == 0, result.stderr
+    with open(shakespeare_path, encoding='utf-8') as f:
+        text = f.read()
+    n_train = int(len(text) * 0.9)
+    enc = tiktoken.get_encoding('gpt2')
+    expected_train, expected_val = enc.encode_ordinary(text[:n_train]), enc.encode_ordinary(text[n_train:])
+    train, val = tokens(script.parent / 'train.bin'), tokens(script.parent / 'val.bin')
+    assert train.tolist() == expected_train
+    assert val.tolist() == expected_val
+    assert enc.decode(train.tolist()) == text[:n_train]
+    assert enc.decode(val.tolist()) == text[n_train:]
+    # the figures quoted in data/shakespeare/readme.md
+    assert (len(train), len(val)) == (301_966, 36_059)
+    assert "train has 301,966 tokens\n" in result.stdout
+    assert "val has 36,059 tokens\n" in result.stdout
+    assert sorted(os.listdir(script.parent)) == ['prepare.py', 'train.bin', 'val.bin']
+
+
+def test_bpe_prepare_without_tiktoken_files(tmp_path):
+    script = install(tmp_path, 'shakespeare')
+    input_path = tmp_path / 'text.txt'
+    input_path.write_text(make_text(), encoding='utf-8')
+    env = offline_env(TIKTOKEN_CACHE_DIR=str(tmp_path / 'empty_cache'))
+    line = assert_one_line_error(run(script, f'--input={input_path}', env=env))
+    assert 'TIKTOKEN_CACHE_DIR' in line
+    assert not (script.parent / 'train.bin').exists()
+
+
+# -----------------------------------------------------------------------------
+# errors shared by both shakespeare scripts
+
+@pytest.mark.parametrize('name', ['shakespeare_char', 'shakespeare'])
+@pytest.mark.parametrize('content, message', [
+    (b'', 'empty'),
+    (b'\xff\xfe\x00bad', 'not UTF-8'),
+    (b'a', 'at least 2'),
+    (None, 'does not exist'),
+])
+def test_bad_input(tmp_path, name, content, message):
+    script = install(tmp_path, name)
+    input_path = tmp_path / 'text.txt'
+    if content is not None:
+        input_path.write_bytes(content)
+    line = assert_one_line_error(run(script, f'--input={input_path}'))
+    assert message in line
+    if content != b'a':  # the too-short message is about the text, not the file
+        assert str(input_path) in line
+    assert not (script.parent / 'train.bin').exists()
+
+
+@pytest.mark.parametrize('name', ['shakespeare_char', 'shakespeare'])
+def test_download_offline(tmp_path, name):
+    script = install(tmp_path, name)
+    line = assert_one_line_error(run(script, env=offline_env()))
+    assert URL in line
+    assert str(script.parent / 'input.txt') in line
+    # neither input.txt nor a partial download is left behind
+    assert os.listdir(script.parent) == ['prepare.py']
+
+
+# -----------------------------------------------------------------------------
+# openwebtext, on a small local dataset
+
+def owt_env(tmp_path, cache_name):
+    # a private datasets cache per run, so a second run recomputes everything instead of reusing the first
+    return dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / cache_name), HF_HUB_OFFLINE='1',
+                HF_DATASETS_DISABLE_PROGRESS_BARS='1')
+
+
+def split_documents(ids):
+    """Token ids cut after every EOT, one list per document; the file must end with an EOT."""
+    assert ids and ids[-1] == EOT
+    docs, current = [], []
+    for i in ids:
+        if i == EOT:
+            docs.append(current)
+            current = []
+        else:
+            current.append(i)
+    return docs
+
+
+@pytest.fixture
+def owt_dataset(tmp_path):
+    """A folder with one .jsonl file of 300 documents; returns (folder, documents)."""
+    rng = random.Random(2357)
+    words = ['the', 'web', 'text', 'é', 'naïve', '—', '日本語', 'Ωmega', '\n', '  ', '<|endoftext|>', 'news', '42']
+    docs = [' '.join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(300)]
+    folder = tmp_path / 'corpus'
+    folder.mkdir()
+    with open(folder / 'docs.jsonl', 'w', encoding='utf-8') as f:
+        for i, doc in enumerate(docs):
+            f.write(json.dumps({'text': doc, 'id': i}, ensure_ascii=False) + '\n')
+    return folder, docs
+
+
+def test_openwebtext_prepare_local_dataset(tmp_path, owt_dataset, tiktoken_cache):
+    import datasets
+    import tiktoken
+    folder, docs = owt_dataset
+    script = install(tmp_path, 'openwebtext')
+    out_dir = tmp_path / 'out'
+    result = run(script, f'--dataset={folder}', '--num_proc=2', f'--out_dir={out_dir}', env=owt_env(tmp_path, 'cache1'))
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out_dir)) == ['train.bin', 'val.bin']
+
+    # oracle: the same split done by datasets here, and tiktoken decoding each document
+    split = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / 'oracle_cache'))['train'] \
+        .train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+    enc = tiktoken.get_encoding('gpt2')
+    train, val = tokens(out_dir / 'train.bin').tolist(), tokens(out_dir / 'val.bin').tolist()
+    train_docs = [enc.decode(d) for d in split_documents(train)]
+    val_docs = [enc.decode(d) for d in split_documents(val)]
+    assert sorted(train_docs + val_docs) == sorted(docs)
+    assert len(val_docs) == len(split['test']) >= 1
+    assert val_docs == split['test']['text']
+    assert train_docs == split['train']['text']
+    assert f"train has {len(train):,} tokens" in result.stdout
+    assert f"val has {len(val):,} tokens" in result.stdout
+
+    # a second run from scratch writes the same bytes
+    out_dir2 = tmp_path / 'out2'
+    result = run(script, f'--dataset={folder}', '--num_proc=2', f'--out_dir={out_dir2}', env=owt_env(tmp_path, 'cache2'))
+    assert result.returncode == 0, result.stderr
+    assert (out_dir2 / 'val.bin').read_bytes() == (out_dir / 'val.bin').read_bytes()
+    assert (out_dir2 / 'train.bin').read_bytes() == (out_dir / 'train.bin').read_bytes()
+
+
+def assert_last_line_error(result):
+    # datasets logs its own warnings to stderr first; the script's error is the one 'error:' line, at the end
+    assert result.returncode != 0
+    assert 'Traceback' not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith('error:')] == lines[-1:], result.stderr
+    return lines[-1]
+
+
+def test_openwebtext_missing_text_column(tmp_path, owt_dataset, tiktoken_cache):
+    folder, _ = owt_dataset
+    script = install(tmp_path, 'openwebtext')
+    out_dir = tmp_path / 'out'
+    result = run(script, f'--dataset={folder}', '--text_column=body', '--num_proc=1', f'--out_dir={out_dir}',
+                 env=owt_env(tmp_path, 'cache'))
+    line = assert_last_line_error(result)
+    assert "'body'" in line and 'text, id' in line
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize('case', ['empty', 'missing'])
+def test_openwebtext_unloadable_dataset(tmp_path, tiktoken_cache, case):
+    script = install(tmp_path, 'openwebtext')
+    folder = tmp_path / 'corpus'
+    if case == 'empty':
+        folder.mkdir()
+        (folder / 'docs.jsonl').write_text('', encoding='utf-8')
+    out_dir = tmp_path / 'out'
+    result = run(script, f'--dataset={folder}', '--num_proc=1', f'--out_dir={out_dir}', env=owt_env(tmp_path, 'cache'))
+    line = assert_last_line_error(result)
+    assert str(folder) in line
+    if case == 'empty':
+        assert 'no documents' in line
+    assert not out_dir.exists()
