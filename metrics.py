@@ -30,8 +30,17 @@ class MetricsLog:
 
 
 def read_rows(path):
+    """The rows of a log; a line that does not parse (the torn last line of a killed run) is skipped."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and 'iter' in row:
+                rows.append(row)
+    return rows
 
 
 def plot_losses(log_path, png_path):
@@ -99,4 +108,8 @@ class WandbRun:
 
     def finish(self):
         if self.run is not None:
-            self.run.finish()
+            try:
+                self.run.finish()
+            except Exception as e:  # the checkpoint is already saved; a failed upload must not fail the run
+                warnings.warn(f"wandb could not finish ({e}); run `wandb sync` on its directory to upload it")
+            self.run = None

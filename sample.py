@@ -47,7 +47,10 @@ if init_from == 'resume':
     ckpt = load_checkpoint(os.path.join(out_dir, name))
     model = model_from_checkpoint(ckpt)
     dataset = ckpt.get('config', {}).get('dataset')
-    meta = load_meta(dataset_dir(dataset)) if dataset else None
+    meta = ckpt.get('meta') or (load_meta(dataset_dir(dataset)) if dataset else None)  # nanoGPT's lack 'meta'
+    if meta is None and model.config.vocab_size < 50257:
+        die(f"the checkpoint's model has a {model.config.vocab_size}-token vocabulary but its dataset's meta.pkl "
+            f"({dataset_dir(dataset) if dataset else 'no dataset recorded'}) is missing; prepare the dataset again")
     print(f"loaded {os.path.join(out_dir, name)} (iter {ckpt.get('iter_num', '?')}, "
           f"best val loss {float(ckpt.get('best_val_loss', float('nan'))):.4f})", file=sys.stderr)
 elif is_pretrained_name(init_from):

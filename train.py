@@ -260,8 +260,9 @@ def get_lr(it):
 
 
 def checkpoint_state(with_optimizer=True):
+    # the vocabulary travels with the model, so sampling needs no dataset folder (e.g. after a Colab reset)
     state = {'model': raw_model.state_dict(), 'model_args': model_args, 'iter_num': iter_num,
-             'best_val_loss': best_val_loss, 'config': config, 'wandb_run_id': wandb_run.run_id}
+             'best_val_loss': best_val_loss, 'config': config, 'wandb_run_id': wandb_run.run_id, 'meta': meta}
     if with_optimizer:
         state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
     return state
@@ -300,7 +301,8 @@ if master_process:
     print(f"run: device {device} x {ddp_world_size} process(es), dtype {dtype if device_type == 'cuda' else 'float32'}, "
           f"compile {'on' if compile else 'off'}, {n_params / 1e6:.2f}M parameters, "
           f"{tokens_per_iter:,} tokens per iteration, checkpoints in {os.path.abspath(out_dir)}")
-metrics = MetricsLog(os.path.join(out_dir, 'log.jsonl'), resume_from=resumed_at, enabled=master_process)
+metrics = MetricsLog(os.path.join(out_dir, 'log.jsonl'), resume_from=resumed_at,
+                     enabled=master_process and not eval_only)
 wandb_run = WandbRun(wandb_log and master_process, wandb_project, wandb_run_name, config,
                      checkpoint.get('wandb_run_id') if checkpoint else None)
 checkpoint = None  # free up memory

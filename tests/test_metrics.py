@@ -1,0 +1,326 @@
+"""Where a run's numbers go: log.jsonl, loss.png, Weights & Biases (offline here), the start-up summary, and
+the Colab notebook that drives the scripts. The scripts run for real, as subprocesses, with a tiny model."""
+
+import ast
+import glob
+import json
+import os
+import re
+import shutil
+import struct
+
+import pytest
+
+from scripts import REPO_ROOT, TINY, args_of, eval_losses, iter_losses, prepare_char_dataset, run_script, script_env, train
+
+# the shared run: 10 iterations, then resumed to 20; evaluations every 5, a row per iteration
+RUN = dict(TINY, gradient_accumulation_steps=2, max_iters=10, eval_interval=5, log_interval=1)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def wandb_records(path):
+    """The records of a .wandb file, parsed as wandb's protobuf Record messages. The file is a LevelDB-style
+    log: a 7-byte file header (':W&B', magic, version), then 32 KiB blocks of chunks, each with a 7-byte
+    header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last); a block's tail too short for a header
+    is zero padding."""
+    from wandb.proto import wandb_internal_pb2
+    block = 32 * 1024
+    with open(path, 'rb') as f:
+        data = f.read()
+    assert data[:4] == b':W&B', f"{path} is not a wandb transaction log"
+    pos, parts = 7, []
+    while pos + 7 <= len(data):
+        left_in_block = block - pos % block
+        if left_in_block < 7:
+            pos += left_in_block
+            continue
+        _, length, kind = struct.unpack('<IHB', data[pos:pos + 7])
+        if kind == 0:  # padding up to the end of the block
+            pos += left_in_block
+            continue
+        parts.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b''.join(parts))
+            parts = []
+            yield record
+
+
+def offline_run(run_dir):
+    """(run id, config, {step: {key: value}}) of an offline wandb run directory."""
+    (log_path,) = glob.glob(os.path.join(run_dir, 'run-*.wandb'))
+    run_id, config, history = None, {}, {}
+    for record in wandb_records(log_path):
+        kind = record.WhichOneof('record_type')
+        if kind == 'run':
+            run_id = record.run.run_id
+            config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+        elif kind == 'config':
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+        elif kind == 'history':
+            values = {item.key or '/'.join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history.setdefault(record.history.step.num, {}).update(values)
+    return run_id, config, history
+
+
+def offline_run_dirs(wandb_dir):
+    return sorted(glob.glob(os.path.join(wandb_dir, 'wandb', 'offline-run-*')))
+
+
+def checkpoint_of(path):
+    import torch
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def png_bytes(out_dir):
+    with open(os.path.join(out_dir, 'loss.png'), 'rb') as f:
+        return f.read()
+
+
+@pytest.fixture(scope='module')
+def resumed_run(tmp_path_factory, small_text):
+    """One run of 10 iterations with wandb offline, resumed to 20 with the same command plus
+    --init_from=resume; started from a scratch directory with a relative out_dir. What each part left is
+    kept: stdout, loss.png bytes, the iter-10 checkpoint and the wandb run directories."""
+    root = tmp_path_factory.mktemp('resumed_run')
+    dataset = prepare_char_dataset(str(root), small_text)
+    work = root / 'work'
+    work.mkdir()
+    wandb_dir = root / 'wandb_dir'
+    wandb_dir.mkdir()
+    env = script_env(WANDB_DIR=wandb_dir, WANDB_DISABLE_GIT='true', WANDB_DISABLE_CODE='true')
+    settings = dict(RUN, dataset=dataset, out_dir='out', wandb_log=True, wandb_project='test')
+    first = run_script('train.py', *args_of(settings), cwd=work, env=env)
+    out_dir = str(work / 'out')
+    result = dict(root=root, dataset=dataset, out_dir=out_dir, wandb_dir=str(wandb_dir), first=first.stdout,
+                  first_wandb_dirs=offline_run_dirs(wandb_dir), first_png=png_bytes(out_dir),
+                  first_log=read_log(out_dir), ckpt10=str(root / 'ckpt10.pt'))
+    shutil.copy(os.path.join(out_dir, 'ckpt.pt'), result['ckpt10'])
+    second = run_script('train.py', *args_of(settings), '--init_from=resume', '--max_iters=20', cwd=work, env=env)
+    result.update(second=second.stdout, second_png=png_bytes(out_dir), wandb_dirs=offline_run_dirs(wandb_dir))
+    return result
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_logs_history_and_resume_reuses_run_id(resumed_run):
+    (first_dir,) = resumed_run['first_wandb_dirs']
+    run_id, config, history = offline_run(first_dir)
+    assert first_dir.endswith('-' + run_id)
+    assert checkpoint_of(resumed_run['ckpt10'])['wandb_run_id'] == run_id
+    # the settings of the run are its wandb config
+    assert config['batch_size'] == RUN['batch_size'] and config['n_layer'] == RUN['n_layer']
+    assert config['gradient_accumulation_steps'] == 2 and config['dataset'] == resumed_run['dataset']
+    # training loss and learning rate every iteration, the evaluations every eval_interval
+    printed = iter_losses(resumed_run['first'])
+    assert sorted(step for step, values in history.items() if 'train/loss' in values) == list(range(10))
+    assert all('lr' in history[step] for step in range(10))
+    assert sorted(step for step, values in history.items() if 'val/loss' in values) == [0, 5, 10]
+    for step, loss in printed.items():
+        assert f"{history[step]['train/loss']:.4f}" == f"{loss:.4f}"
+
+    # the resumed run continues the same wandb run: same id in the checkpoint and in its offline directory
+    assert checkpoint_of(os.path.join(resumed_run['out_dir'], 'ckpt.pt'))['wandb_run_id'] == run_id
+    second_dirs = [d for d in resumed_run['wandb_dirs'] if d not in resumed_run['first_wandb_dirs']]
+    assert len(second_dirs) == 1 and second_dirs[0].endswith('-' + run_id), resumed_run['wandb_dirs']
+    second_id, _, second_history = offline_run(second_dirs[0])
+    assert second_id == run_id
+    assert sorted(step for step, values in second_history.items() if 'train/loss' in values) == list(range(10, 20))
+    assert sorted(step for step, values in second_history.items() if 'val/loss' in values) == [15, 20]
+
+
+@pytest.mark.slow
+def test_wandb_failure_is_a_warning_not_a_crash(tmp_path, small_text):
+    """Online mode without an API key (the usual mistake on a fresh machine) makes wandb.init fail fast;
+    the address of an unreachable server makes sure that nothing leaves this machine either way."""
+    dataset = prepare_char_dataset(str(tmp_path), small_text)
+    env = script_env(WANDB_MODE='online', WANDB_DIR=tmp_path, WANDB_CONFIG_DIR=tmp_path / 'wandb_config',
+                     NETRC=tmp_path / 'no_netrc', WANDB_BASE_URL='http://127.0.0.1:9', WANDB_INIT_TIMEOUT='10')
+    env.pop('WANDB_API_KEY', None)
+    out_dir = str(tmp_path / 'out')
+    proc = train(dataset, out_dir, env=env, wandb_log=True, wandb_project='test', max_iters=4, eval_interval=4)
+    assert proc.returncode == 0
+    assert 'wandb could not start' in proc.stderr
+    assert sorted(iter_losses(proc.stdout)) == [0, 1, 2, 3]
+    assert os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
+    assert checkpoint_of(os.path.join(out_dir, 'ckpt.pt'))['wandb_run_id'] is None
+
+
+@pytest.mark.slow
+def test_metrics_log_has_one_row_per_logged_iteration_across_resume(resumed_run):
+    first_rows = resumed_run['first_log']
+    assert [r['iter'] for r in first_rows if 'loss' in r] == list(range(10))
+    rows = read_log(resumed_run['out_dir'])
+    steps = [r for r in rows if 'loss' in r]
+    evals = [r for r in rows if 'val_loss' in r]
+    assert [r['iter'] for r in steps] == list(range(20))  # in order, none missing, none twice
+    assert [r['iter'] for r in evals] == [0, 5, 10, 15, 20]
+    assert all(set(r) == {'iter', 'loss', 'lr', 'ms', 'mfu'} for r in steps)
+    assert all(set(r) == {'iter', 'train_loss', 'val_loss', 'lr'} for r in evals)
+    printed = {**iter_losses(resumed_run['first']), **iter_losses(resumed_run['second'])}
+    assert sorted(printed) == list(range(20))
+    for r in steps:
+        assert f"{r['loss']:.4f}" == f"{printed[r['iter']]:.4f}", r
+    printed_evals = {**eval_losses(resumed_run['first']), **eval_losses(resumed_run['second'])}
+    for r in evals:
+        assert (f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}") == tuple(f"{x:.4f}" for x in printed_evals[r['iter']])
+    # the learning rate rises during warmup and decays afterwards
+    lrs = [r['lr'] for r in steps]
+    assert lrs[0] < lrs[RUN['warmup_iters']] and lrs[-1] < lrs[RUN['warmup_iters']]
+
+
+@pytest.mark.slow
+def test_metrics_log_drops_rows_beyond_the_checkpoint_when_resuming_after_a_crash(resumed_run, tmp_path):
+    """A run that crashed at iter 20 after saving at iter 10 has logged iterations 10..19 that its resume
+    will do again: resuming from the iter-10 checkpoint must leave each of them in the log once."""
+    out_dir = str(tmp_path / 'out')
+    shutil.copytree(resumed_run['out_dir'], out_dir)
+    shutil.copy(resumed_run['ckpt10'], os.path.join(out_dir, 'ckpt.pt'))
+    assert [r['iter'] for r in read_log(out_dir) if 'loss' in r] == list(range(20))  # rows up to 19 before
+    settings = dict(RUN, init_from='resume', max_iters=20, wandb_log=False)  # the settings of the crashed run
+    proc = train(resumed_run['dataset'], out_dir, **settings)
+    assert sorted(iter_losses(proc.stdout)) == list(range(10, 20))
+    rows = read_log(out_dir)
+    assert [r['iter'] for r in rows if 'loss' in r] == list(range(20))
+    assert [r['iter'] for r in rows if 'val_loss' in r] == [0, 5, 10, 15, 20]
+    printed = {**iter_losses(resumed_run['first']), **iter_losses(proc.stdout)}
+    for r in rows:
+        if 'loss' in r:
+            assert f"{r['loss']:.4f}" == f"{printed[r['iter']]:.4f}", r
+
+
+def test_metrics_log_resume_skips_the_torn_last_line_of_a_killed_run(tmp_path):
+    from metrics import MetricsLog
+    path = str(tmp_path / 'log.jsonl')
+    rows = [dict(iter=0, train_loss=3.0, val_loss=3.1, lr=0.1)] + [dict(iter=i, loss=3.0 - i / 10, lr=0.1) for i in range(6)]
+    with open(path, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in rows)
+        f.write('{"iter": 6, "lo')  # the process was killed in the middle of this write
+    log = MetricsLog(path, resume_from=4)
+    log.log(iter=4, loss=2.5, lr=0.1)
+    assert read_log(tmp_path) == rows[:5] + [dict(iter=4, loss=2.5, lr=0.1)]
+
+
+@pytest.mark.slow
+def test_loss_png_is_written_and_refreshed(resumed_run):
+    import matplotlib.image
+    first = resumed_run['first_png']
+    assert first.startswith(b'\x89PNG\r\n\x1a\n')
+    image = matplotlib.image.imread(os.path.join(resumed_run['out_dir'], 'loss.png'))
+    height, width = image.shape[:2]
+    assert 200 <= height <= 2000 and 200 <= width <= 3000, image.shape
+    assert image[..., :3].std() > 0.01  # something is drawn on it
+    assert resumed_run['second_png'].startswith(b'\x89PNG\r\n\x1a\n')
+    assert resumed_run['second_png'] != first  # redrawn with the resumed run's iterations
+    assert not glob.glob(os.path.join(resumed_run['out_dir'], '*.tmp*'))  # no temp file left behind
+
+
+@pytest.mark.slow
+def test_missing_dataset_is_prepared_automatically(tmp_path, small_text):
+    data_dir = tmp_path / 'data' / 'shakespeare_char'
+    data_dir.mkdir(parents=True)
+    shutil.copy(os.path.join(REPO_ROOT, 'data', 'shakespeare_char', 'prepare.py'), data_dir)
+    shutil.copy(os.path.join(REPO_ROOT, 'data', 'prepare_utils.py'), tmp_path / 'data')
+    (data_dir / 'input.txt').write_text(small_text, encoding='utf-8')  # present, so nothing is downloaded
+    assert not (data_dir / 'train.bin').exists()
+    settings = dict(max_iters=2, eval_interval=2, eval_iters=2)
+    first = train(str(data_dir), str(tmp_path / 'out1'), **settings)
+    assert 'is not prepared yet; running' in first.stdout and 'prepare.py' in first.stdout
+    assert sorted(iter_losses(first.stdout)) == [0, 1]  # training started and finished
+    assert (data_dir / 'train.bin').exists() and (data_dir / 'val.bin').exists() and (data_dir / 'meta.pkl').exists()
+    assert f"found vocab_size = {len(set(small_text))}" in first.stdout
+    train_bin = (data_dir / 'train.bin').read_bytes()
+    second = train(str(data_dir), str(tmp_path / 'out2'), **settings)
+    assert 'not prepared yet' not in second.stdout
+    assert sorted(iter_losses(second.stdout)) == [0, 1]
+    assert (data_dir / 'train.bin').read_bytes() == train_bin
+
+
+@pytest.mark.slow
+def test_run_summary_says_device_dtype_compile_params_tokens_and_out_dir(resumed_run, small_text):
+    from model import GPT, GPTConfig
+    (line,) = [line for line in resumed_run['first'].splitlines() if line.startswith('run:')]
+    model = GPT(GPTConfig(n_layer=RUN['n_layer'], n_head=RUN['n_head'], n_embd=RUN['n_embd'],
+                          block_size=RUN['block_size'], bias=RUN['bias'], vocab_size=len(set(small_text)),
+                          dropout=0.0))
+    params = f"{model.get_num_params() / 1e6:.2f}M parameters"
+    tokens = RUN['gradient_accumulation_steps'] * RUN['batch_size'] * RUN['block_size']
+    assert 'device cpu' in line
+    assert 'dtype float32' in line
+    assert 'compile off' in line
+    assert params in line, (params, line)
+    assert f"{tokens:,} tokens per iteration" in line, line
+    # out_dir was given relative to the working directory; the summary names it absolutely
+    assert line.endswith(os.path.abspath(resumed_run['out_dir'])), line
+    assert os.path.isabs(line.split()[-1])
+
+
+# -----------------------------------------------------------------------------
+# the Colab notebook
+
+def script_settings(script):
+    """The settings of a script: the top-level assignments before it calls configure(globals())."""
+    with open(os.path.join(REPO_ROOT, script), encoding='utf-8') as f:
+        tree = ast.parse(f.read())
+    settings = set()
+    for node in tree.body:
+        if any(isinstance(n, ast.Call) and getattr(n.func, 'id', None) in ('configure', 'settings_of')
+               for n in ast.walk(node)):
+            break
+        if isinstance(node, ast.Assign):
+            settings |= {t.id for t in node.targets if isinstance(t, ast.Name) and not t.id.startswith('_')}
+    return settings
+
+
+def test_colab_notebook_is_valid_json_and_uses_the_real_scripts():
+    with open(os.path.join(REPO_ROOT, 'notebooks', 'colab.ipynb'), encoding='utf-8') as f:
+        notebook = json.load(f)
+    assert notebook['nbformat'] == 4 and isinstance(notebook['nbformat_minor'], int)
+    assert isinstance(notebook['metadata'], dict) and notebook['cells']
+    ids = [cell['id'] for cell in notebook['cells']]  # required from nbformat 4.5 on
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r'[a-zA-Z0-9_-]{1,64}', i) for i in ids)
+    for cell in notebook['cells']:
+        assert cell['cell_type'] in ('code', 'markdown') and isinstance(cell['metadata'], dict)
+        assert isinstance(cell['source'], (list, str))
+        if cell['cell_type'] == 'code':
+            assert cell['outputs'] == [] and 'execution_count' in cell
+    code = [line.strip() for cell in notebook['cells'] if cell['cell_type'] == 'code'
+            for line in ''.join(cell['source']).splitlines()]
+
+    known = {'train.py': script_settings('train.py'), 'sample.py': script_settings('sample.py')}
+    assert {'out_dir', 'init_from', 'max_iters', 'wandb_log'} <= known['train.py']  # the parser finds settings
+    assert {'out_dir', 'num_samples'} <= known['sample.py'] and 'max_iters' not in known['sample.py']
+    commands = {'train.py': [], 'sample.py': []}
+    for line in code:
+        match = re.match(r'!python (train\.py|sample\.py)(.*)$', line)
+        if not match:
+            continue
+        script, args = match.group(1), match.group(2).split()
+        options = {}
+        for arg in args:
+            if arg.startswith('--'):
+                key, sep, value = arg[2:].partition('=')
+                assert sep and value, f"{arg} in '{line}' is not --key=value"
+                assert key in known[script], f"--{key} in '{line}' is not a setting of {script}"
+                options[key] = value
+            else:  # a config file, which must exist in the repository
+                assert os.path.isfile(os.path.join(REPO_ROOT, arg)), f"{arg} in '{line}' does not exist"
+        commands[script].append((args, options))
+
+    out_dir = '/content/drive/MyDrive/nanogpt/out-shakespeare-char'
+    trains = commands['train.py']
+    assert any('config/train_shakespeare_char.py' in args and options.get('out_dir') == out_dir
+               and 'init_from' not in options for args, options in trains)
+    # the resume is the same command plus --init_from=resume
+    assert any(options.get('init_from') == 'resume' and options.get('out_dir') == out_dir
+               and 'config/train_shakespeare_char.py' in args for args, options in trains)
+    assert any(options.get('out_dir') == out_dir for _, options in commands['sample.py'])
+    text = '\n'.join(code)
+    assert 'drive.mount(' in text and 'from google.colab import drive' in text
+    assert 'pip install -r requirements.txt' in text
+    assert 'git clone https://github.com/<you>/<repo>.git' in text
+    assert 'loss.png' in text and 'Image(' in text
