@@ -1,0 +1,194 @@
+"""
+End-to-end tests of train.py under torchrun on the CPU (gloo): two processes, two "nodes" on localhost,
+resuming with another process count, and a configuration that cannot be split over the processes.
+
+The oracle is an ordinary single-process run of train.py: the examples of optimizer step k are a function of
+(seed, k) only, whatever the number of processes sharing them, so a DDP run must print the same losses.
+torchrun is started as `python -m torch.distributed.run` so the test uses the same interpreter and torch.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+from scripts import REPO_ROOT, TINY, args_of, eval_losses, iter_losses, prepare_char_dataset, script_env, train
+
+pytestmark = pytest.mark.slow
+
+TRAIN_PY = os.path.join(REPO_ROOT, 'train.py')
+# two micro-batches per step, so two processes take one each; evaluations every 4 iterations
+SETTINGS = dict(TINY, gradient_accumulation_steps=2, eval_interval=4, max_iters=16)
+# the logs print 4 decimals: losses agree to one unit of the last digit (the epsilon absorbs float error in
+# subtracting two printed values)
+TOL = 1e-4 + 1e-9
+TIMEOUT = 240  # seconds; a launch that takes longer is hung (a normal one takes well under a minute)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start_torchrun(launcher_args, cwd=REPO_ROOT, **overrides):
+    """Start `torchrun <launcher_args> train.py <SETTINGS + overrides>` in its own process group."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', *launcher_args, TRAIN_PY,
+           *args_of(dict(SETTINGS, **overrides))]
+    return subprocess.Popen(cmd, cwd=cwd, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def finish(proc, timeout=TIMEOUT):
+    """Wait for proc; a launch still running after timeout is killed with all its workers and fails the test."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the launcher and the workers it started
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"torchrun did not finish within {timeout}s (hung?):\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, f"exit code {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def torchrun(launcher_args, cwd=REPO_ROOT, timeout=TIMEOUT, **overrides):
+    return finish(start_torchrun(launcher_args, cwd=cwd, **overrides), timeout)
+
+
+def two_processes(**overrides):
+    return check_ok(torchrun(['--standalone', '--nproc_per_node=2'], **overrides))
+
+
+def single_process(**overrides):
+    return train(**dict(SETTINGS, **overrides))
+
+
+def assert_same_losses(stdout, reference_stdout, iters, steps):
+    """The iteration losses of iters and the evaluation losses of steps in stdout equal the reference's."""
+    got, expected = iter_losses(stdout), iter_losses(reference_stdout)
+    assert sorted(got) == sorted(iters), stdout[-3000:]
+    assert got == pytest.approx({i: expected[i] for i in iters}, abs=TOL)
+    got, expected = eval_losses(stdout), eval_losses(reference_stdout)
+    assert sorted(got) == sorted(steps), stdout[-3000:]
+    for step in steps:
+        assert got[step] == pytest.approx(expected[step], abs=TOL), f"evaluation at step {step}"
+
+
+def saved_iter(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)['iter_num']
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory, small_text):
+    return prepare_char_dataset(str(tmp_path_factory.mktemp('ddp_data')), small_text)
+
+
+@pytest.fixture(scope='module')
+def reference(dataset, tmp_path_factory):
+    """stdout of an uninterrupted single-process run of SETTINGS (16 iterations)."""
+    stdout = single_process(dataset=dataset, out_dir=str(tmp_path_factory.mktemp('reference'))).stdout
+    assert sorted(iter_losses(stdout)) == list(range(16)) and sorted(eval_losses(stdout)) == [0, 4, 8, 12, 16]
+    return stdout
+
+
+@pytest.fixture(scope='module')
+def ddp_to_8(dataset, tmp_path_factory):
+    """A two-process run to iter 8: (its output, its out_dir). Tests that resume from it copy the out_dir."""
+    out_dir = str(tmp_path_factory.mktemp('ddp_to_8'))
+    return two_processes(dataset=dataset, out_dir=out_dir, max_iters=8), out_dir
+
+
+def test_ddp_two_processes_match_single_process(ddp_to_8, reference):
+    proc, out_dir = ddp_to_8
+    assert_same_losses(proc.stdout, reference, iters=range(8), steps=[0, 4, 8])
+    # only rank 0 prints and saves: every line once, one 'saving checkpoint' per evaluation after step 0
+    for kind, expected in (('iter', list(range(8))), ('step', [0, 4, 8])):
+        counts = Counter(int(n) for n in re.findall(rf'^{kind} (\d+):', proc.stdout, re.M))
+        assert sorted(counts) == expected and set(counts.values()) == {1}, f"'{kind} N:' lines: {counts}"
+    assert proc.stdout.count('saving checkpoint') == 2, proc.stdout
+    # one complete ckpt.pt holding the last step, and no temp file of a second writer left behind
+    assert [f for f in os.listdir(out_dir) if 'ckpt' in f] == ['ckpt.pt'], os.listdir(out_dir)
+    assert saved_iter(out_dir) == 8
+
+
+@pytest.mark.parametrize('rendezvous', ['static', 'c10d'])
+def test_two_node_launch_on_localhost_matches_single_process(rendezvous, dataset, reference, tmp_path):
+    """Two torchrun launchers, one process each, joined over TCP on localhost as two nodes would be."""
+    port = free_port()
+    if rendezvous == 'static':
+        node_args = [['--nnodes=2', '--nproc_per_node=1', f'--node_rank={rank}', '--master_addr=127.0.0.1',
+                      f'--master_port={port}'] for rank in (0, 1)]
+    else:  # the rendezvous assigns the ranks: either node may get rank 0
+        node_args = [['--nnodes=2', '--nproc_per_node=1', '--rdzv_backend=c10d',
+                      f'--rdzv_endpoint=127.0.0.1:{port}', f'--rdzv_id=test-ddp-{os.getpid()}-{port}']] * 2
+    # each node in its own working directory with a relative out_dir: the directory that gets out/ is rank 0's
+    node_dirs = [tmp_path / f'node{i}' for i in (0, 1)]
+    for d in node_dirs:
+        d.mkdir()
+    launches = [start_torchrun(args, cwd=d, dataset=dataset, out_dir='out', max_iters=4)
+                for args, d in zip(node_args, node_dirs)]
+    try:
+        procs = [check_ok(finish(p)) for p in launches]
+    finally:  # when one node fails or hangs, do not leave the other waiting for it
+        for p in launches:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+
+    writers = [i for i, d in enumerate(node_dirs) if (d / 'out').exists()]
+    assert len(writers) == 1, f"out/ written by nodes {writers}"
+    if rendezvous == 'static':
+        assert writers == [0], "the node with --node_rank=0 holds global rank 0"
+    master, other = procs[writers[0]], procs[1 - writers[0]]
+    assert_same_losses(master.stdout, reference, iters=range(4), steps=[0, 4])
+    assert not re.search(r'^(iter|step) \d+:', other.stdout, re.M), other.stdout
+    assert saved_iter(node_dirs[writers[0]] / 'out') == 4
+
+
+@pytest.mark.parametrize('first, then', [(2, 1), (1, 2)], ids=['2procs-then-1', '1proc-then-2'])
+def test_resume_ddp_run_with_different_process_count_continues_loss_curve(first, then, ddp_to_8, dataset,
+                                                                         reference, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    if first == 2:
+        shutil.copytree(ddp_to_8[1], out_dir)
+    else:
+        single_process(dataset=dataset, out_dir=out_dir, max_iters=8)
+    assert saved_iter(out_dir) == 8
+
+    resume = dict(dataset=dataset, out_dir=out_dir, init_from='resume', max_iters=16)
+    proc = single_process(**resume) if then == 1 else two_processes(**resume)
+
+    # the resumed run repeats no evaluation (step 8 was evaluated before the save) and continues from iter 8
+    assert_same_losses(proc.stdout, reference, iters=range(8, 16), steps=[12, 16])
+    assert saved_iter(out_dir) == 16
+
+
+def test_indivisible_gradient_accumulation_fails_clearly_on_every_rank(dataset, tmp_path):
+    out_dir = tmp_path / 'out'
+    # torchrun stops the other workers at its first check after a failure; checking every 5 s instead of
+    # every 0.1 s gives each rank time to fail by itself (both ranks exit within milliseconds of each other)
+    proc = torchrun(['--standalone', '--nproc_per_node=2', '--monitor-interval=5'], timeout=120,
+                    dataset=dataset, out_dir=str(out_dir), gradient_accumulation_steps=3)
+
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 2, f"expected the error from both ranks:\n{proc.stderr}"
+    for line in errors:
+        assert 'gradient_accumulation_steps=3' in line, line
+        assert re.search(r'\b2\b', line), f"the number of processes is not named: {line}"
+        assert re.search(r'\b4\b', line), f"no valid value (such as 4) is suggested: {line}"
+    # torchrun prints its own traceback for the failed launch; none comes from train.py itself
+    assert 'train.py", line' not in proc.stderr, proc.stderr
+    assert 'Traceback' not in proc.stdout, proc.stdout
+    assert not out_dir.exists(), "nothing should be written before the check"
