@@ -3,6 +3,7 @@ Checkpoints and dataset metadata, read and written in one place for train.py, sa
 export_hf.py. Writes are atomic (temp file, fsync, rename); reads never execute pickled code.
 """
 
+import errno
 import os
 import pickle
 
@@ -27,6 +28,8 @@ def save_checkpoint(state, path):
     """Write state to path so that path always holds either the old or the new complete file:
     write a temp file beside it, flush it to disk, then rename it over path (atomic on POSIX and Windows)."""
     directory = os.path.dirname(path) or '.'
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        die(f"could not write checkpoint {path}: {directory} is a file, not a directory; choose another --out_dir")
     tmp = None
     try:
         os.makedirs(directory, exist_ok=True)
@@ -44,8 +47,9 @@ def save_checkpoint(state, path):
             finally:
                 os.close(dir_fd)
     except OSError as e:
-        die(f"could not write checkpoint {path}: {e.strerror or e}; "
-            "the previous checkpoint, if any, is intact. Free some disk space or choose another --out_dir")
+        fix = 'free some disk space' if e.errno == errno.ENOSPC else 'check the permissions of --out_dir'
+        die(f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint, if any, is intact. "
+            f"To go on, {fix} or choose another --out_dir, then resume")
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
@@ -62,7 +66,8 @@ def load_checkpoint(path):
     except Exception as e:  # truncated zip, random bytes, a pickle with code in it...: all the same to the user
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         die(f"{path} is not a readable checkpoint (truncated, corrupt, or not written by train.py): {first_line}")
-    if not isinstance(checkpoint, dict) or not {'model', 'model_args'} <= set(checkpoint):
+    if (not isinstance(checkpoint, dict) or not {'model', 'model_args'} <= set(checkpoint)
+            or not isinstance(checkpoint['model'], dict)):
         die(f"{path} is not a checkpoint written by train.py or nanoGPT (it lacks 'model' and 'model_args')")
     # torch.compile wraps the model and prefixes its keys, and nanoGPT on old torch saved a causal mask
     # buffer as attn.bias: neither is a weight of ours

@@ -102,7 +102,7 @@ def apply_config_file(namespace, known, path):
     try:
         exec(compile(source, path, 'exec'), scope)
     except Exception as e:
-        die(f"config file '{path}' failed to run: {type(e).__name__}: {e}", code=2)
+        die(f"config file '{path}' failed to run: {type(e).__name__}: {' '.join(str(e).split())}", code=2)
     changed = set()
     for key, value in scope.items():
         if key.startswith('_') or isinstance(value, types.ModuleType) or callable(value):

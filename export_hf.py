@@ -1,0 +1,125 @@
+"""
+Export a checkpoint as a Hugging Face GPT-2 directory, loadable with transformers:
+$ python export_hf.py --out_dir=out-shakespeare --export_dir=hf-model
+then GPT2LMHeadModel.from_pretrained('hf-model') or pipeline('text-generation', model='hf-model').
+This is the reverse of GPT.from_pretrained in model.py: the parameter names are the same, and the four
+Conv1D weights of Hugging Face's GPT-2 are stored transposed relative to our nn.Linear.
+"""
+
+import hashlib
+import os
+import shutil
+import tempfile
+
+import torch
+
+from checkpoint import load_checkpoint, model_from_checkpoint
+from configurator import configure, die
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # the training run's directory
+checkpoint = ''  # file in out_dir to export; '' means best.pt if present, else ckpt.pt
+export_dir = ''  # where to write the Hugging Face model; '' means <out_dir>/hf
+# -----------------------------------------------------------------------------
+
+GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE; training pads it to 50304, rows that no token ever uses
+PADDED_VOCAB_SIZE = 50304
+HF_BUFFERS = ('.attn.bias', '.attn.masked_bias')  # causal-mask buffers of older transformers, not weights
+TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+TIKTOKEN_GPT2_FILES = {  # tiktoken caches each file under the sha1 of its URL
+    'vocab.json': 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json',
+    'merges.txt': 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe',
+}
+
+
+def hf_state_dict(model, hf_keys, vocab_size):
+    """Our weights under Hugging Face's names: Conv1D weights transposed, the vocabulary cut to vocab_size,
+    and zeros for the biases a bias=False model lacks (adding zero changes nothing)."""
+    ours = model.state_dict()
+    state = {}
+    for key, hf_shape in hf_keys.items():
+        if key.endswith(HF_BUFFERS):
+            continue
+        if key not in ours:
+            assert key.endswith('.bias'), f"no weights for {key}"
+            state[key] = torch.zeros(hf_shape)
+            continue
+        tensor = ours[key].t() if key.endswith(TRANSPOSED) else ours[key]
+        if key in ('transformer.wte.weight', 'lm_head.weight'):
+            tensor = tensor[:vocab_size]
+        state[key] = tensor.detach().float().contiguous()
+    return state
+
+
+def offline_gpt2_tokenizer():
+    """GPT-2's tokenizer if it can be had without network: from the Hugging Face cache, or built from the
+    BPE files tiktoken has cached (TIKTOKEN_CACHE_DIR, or $NANOGPT_DATA_DIR/tiktoken). None otherwise."""
+    from transformers import GPT2TokenizerFast
+    try:  # (recent transformers return an empty tokenizer instead of failing, hence the length check)
+        tokenizer = GPT2TokenizerFast.from_pretrained('gpt2', local_files_only=True)
+        if len(tokenizer) == GPT2_VOCAB_SIZE:
+            return tokenizer
+    except Exception:
+        pass
+    data_dir = os.environ.get('NANOGPT_DATA_DIR')
+    cache_dir = os.environ.get('TIKTOKEN_CACHE_DIR') or (os.path.join(data_dir, 'tiktoken') if data_dir else '')
+    paths = {name: os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
+             for name, url in TIKTOKEN_GPT2_FILES.items()}
+    if not cache_dir or not all(os.path.isfile(p) for p in paths.values()):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:  # from_pretrained wants the files under their usual names
+        for name, path in paths.items():
+            shutil.copyfile(path, os.path.join(tmp, name))
+        tokenizer = GPT2TokenizerFast.from_pretrained(tmp)
+    return tokenizer if len(tokenizer) == GPT2_VOCAB_SIZE else None
+
+
+def main():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    name = checkpoint or ('best.pt' if os.path.exists(os.path.join(out_dir, 'best.pt')) else 'ckpt.pt')
+    target = export_dir or os.path.join(out_dir, 'hf')
+    if os.path.exists(target) and not os.path.isdir(target):
+        die(f"--export_dir={target} is a file, not a directory; choose another --export_dir")
+    ckpt = load_checkpoint(os.path.join(out_dir, name))
+    model = model_from_checkpoint(ckpt, dropout=0.0)
+    model.eval()
+    cfg = model.config
+    bpe = GPT2_VOCAB_SIZE <= cfg.vocab_size <= PADDED_VOCAB_SIZE  # GPT-2's tokens, maybe padded
+    vocab_size = GPT2_VOCAB_SIZE if bpe else cfg.vocab_size
+    hf_config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                           n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function='gelu_new',
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                           bos_token_id=50256 if bpe else None, eos_token_id=50256 if bpe else None)
+    hf_model = GPT2LMHeadModel(hf_config)
+    hf_keys = {k: v.shape for k, v in hf_model.state_dict().items()}
+    result = hf_model.load_state_dict(hf_state_dict(model, hf_keys, vocab_size), strict=False)
+    assert not result.unexpected_keys and all(k.endswith(HF_BUFFERS) for k in result.missing_keys), result
+    hf_model.eval()
+
+    # check the export: the same logits as our model on a few tokens
+    idx = torch.randint(0, vocab_size, (1, min(cfg.block_size, 16)), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(idx, targets=idx)[0][..., :vocab_size]
+        diff = (hf_model(idx).logits - ours).abs().max().item()
+    assert diff < 1e-3, f"the exported model's logits differ from the checkpoint's by {diff}"
+
+    hf_model.save_pretrained(target)
+    print(f"exported {os.path.join(out_dir, name)} (iter {ckpt.get('iter_num', '?')}) to {target}"
+          + (f", vocabulary trimmed from {cfg.vocab_size} to {vocab_size}" if cfg.vocab_size != vocab_size else ''))
+    if not bpe:
+        print(f"note: no tokenizer saved, vocab_size {vocab_size} is not GPT-2's; a character-level model "
+              "encodes text with the stoi/itos of its dataset's meta.pkl")
+        return
+    tokenizer = offline_gpt2_tokenizer()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
+        print(f"saved GPT-2's tokenizer to {target}")
+    else:
+        print("note: GPT-2's tokenizer is not available offline, so none was saved; with network, add it with "
+              f"python -c \"from transformers import GPT2TokenizerFast; "
+              f"GPT2TokenizerFast.from_pretrained('gpt2').save_pretrained('{target}')\"")
+
+
+if __name__ == '__main__':
+    configure(globals())
+    main()
