@@ -274,7 +274,10 @@ stop_signal = None
 
 def request_stop(signum, frame):
     global stop_signal
-    stop_signal = signal.Signals(signum).name
+    # a second Ctrl-C means now (not under torchrun, which passes each signal on: workers see it twice)
+    if stop_signal is not None and not ddp:
+        sys.exit(128 + signum)  # the last complete checkpoint stays intact
+    stop_signal = signal.Signals(signum).name  # no printing here: the handler may interrupt a print
 
 
 signal.signal(signal.SIGINT, request_stop)
