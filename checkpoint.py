@@ -33,7 +33,7 @@ def save_checkpoint(state, path):
     tmp = None
     try:
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")  # one name: a kill leaves no litter
         with open(tmp, 'wb') as f:
             torch.save(state, f)
             f.flush()

@@ -136,10 +136,14 @@ ctx = autocast_context(device_type, dtype)
 
 # data: train.bin and val.bin are uint16 token ids, read through memmaps so they never need to fit in memory
 data_dir = dataset_dir(dataset)
-if not os.path.exists(os.path.join(data_dir, 'train.bin')):
+missing = [f'{split}.bin' for split in ('train', 'val') if not os.path.exists(os.path.join(data_dir, f'{split}.bin'))]
+if missing:
     prepare_script = os.path.join(data_dir, 'prepare.py')
-    if os.path.basename(data_dir) not in ('shakespeare_char', 'shakespeare') or not os.path.exists(prepare_script):
-        die(f"no train.bin in {data_dir}; prepare the dataset first: python {prepare_script}")
+    if not os.path.exists(prepare_script):
+        die(f"no {' or '.join(missing)} in {data_dir}; make them with a prepare script, e.g. python "
+            "data/openwebtext/prepare.py --dataset=YOUR_TEXT_FOLDER --out_dir=data/NAME, then --dataset=NAME")
+    if os.path.basename(data_dir) not in ('shakespeare_char', 'shakespeare'):
+        die(f"no {' or '.join(missing)} in {data_dir}; prepare the dataset first: python {prepare_script}")
     if ddp_local_rank == 0:  # small datasets are prepared on the spot, once per node
         print(f"dataset '{dataset}' is not prepared yet; running {prepare_script}", flush=True)
         if subprocess.run([sys.executable, prepare_script]).returncode != 0:
