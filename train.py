@@ -31,6 +31,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (MODEL_SHAPE_KEYS, dataset_dir, is_pretrained_name, load_checkpoint, load_meta,
@@ -240,7 +241,9 @@ def estimate_loss():
     model.eval()
     for split_index, split in enumerate(('train', 'val')):
         totals = torch.zeros(2, device=device)  # loss sum, batch count
-        for k in range(ddp_rank, eval_iters, ddp_world_size):
+        batches = range(ddp_rank, eval_iters, ddp_world_size)
+        # a progress bar where it helps: on the master's terminal (none when output goes to a file)
+        for k in tqdm(batches, desc=f'eval {split}', leave=False, disable=None if master_process else True):
             X, Y = get_batch(split, [seed, 1 + split_index, k])
             with ctx:
                 _, loss = model(X, Y)
