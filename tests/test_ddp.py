@@ -192,3 +192,25 @@ def test_indivisible_gradient_accumulation_fails_clearly_on_every_rank(dataset, 
     assert 'train.py", line' not in proc.stderr, proc.stderr
     assert 'Traceback' not in proc.stdout, proc.stdout
     assert not out_dir.exists(), "nothing should be written before the check"
+
+
+def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(dataset, tmp_path):
+    """A pre-emption notice reaching one worker stops every worker after the same step, with one checkpoint."""
+    out_dir = tmp_path / 'out'
+    proc = start_torchrun(['--standalone', '--nproc_per_node=2'], dataset=dataset, out_dir=out_dir,
+                          max_iters=100_000, eval_interval=100_000)
+    try:
+        for line in proc.stdout:  # wait until training is under way
+            if line.startswith('iter 3:'):
+                break
+        workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[-1]), signal.SIGTERM)  # one worker only, as when a single node is pre-empted
+        result = check_ok(finish(proc))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stopped = re.findall(r'stopped by (.+?) at iter (\d+)', result.stdout)
+    assert len(stopped) == 1, result.stdout[-2000:]
+    checkpoint = torch.load(out_dir / 'ckpt.pt', weights_only=True)
+    assert checkpoint['iter_num'] == int(stopped[0][1]) == max(iter_losses(line + result.stdout)) + 1
