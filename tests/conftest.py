@@ -51,3 +51,13 @@ def small_text():
         name = rng.choice(('KING', 'QUEEN', 'HAMLET', 'ROMEO', 'JULIET'))
         lines.append(f"{name}:\n" + ' '.join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + '.\n')
     return '\n'.join(lines)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; with more, thread hand-offs dominate (badly on a busy machine)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

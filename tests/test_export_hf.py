@@ -14,18 +14,12 @@ import checkpoint
 import export_hf
 from model import GPT, GPTConfig
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import REPO_ROOT
 GPT2_VOCAB = 50257
 PADDED_VOCAB = 50304
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with more, thread hand-offs dominate (badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def model_args_of(config):

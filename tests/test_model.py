@@ -14,16 +14,10 @@ import torch
 import checkpoint
 from model import GPT, GPTConfig, KVCache, sample_next
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import REPO_ROOT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with more, thread hand-offs dominate (badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def tiny_config(**overrides):
