@@ -30,17 +30,18 @@ class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to block_size."""
 
     def __init__(self, config, batch_size, device, dtype):
-        head_size = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        # a buffer per layer: an update then slices one tensor instead of indexing into a 5-d one
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # tokens cached so far; advanced by GPT.forward after all layers
 
     def update(self, layer, k, v):
         start, end = self.length, self.length + k.size(2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        k_cache[:, :, start:end] = k
+        v_cache[:, :, start:end] = v
+        return k_cache[:, :, :end], v_cache[:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -164,8 +165,8 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         assert start + t <= self.config.block_size, \
             f"cannot forward a sequence of length {start + t}, block size is only {self.config.block_size}"
-        pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        pos_emb = self.transformer.wpe.weight[start:start + t]  # positions start..start+t-1: a slice, no lookup
+        x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)
         for block in self.transformer.h:
             x = block(x, kv_cache)
         x = self.transformer.ln_f(x)
@@ -176,7 +177,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         else:
             # inference needs only the last position: skip the lm_head everywhere else
-            logits = self.lm_head(x[:, [-1], :])
+            logits = self.lm_head(x[:, -1:, :])
             loss = None
         return logits, loss
 
@@ -239,16 +240,16 @@ class GPT(nn.Module):
         temperature 0 is greedy decoding; top_k and top_p (nucleus) restrict sampling to the likeliest tokens.
         Generation stops early once every row has produced stop_token. on_token(next_tokens) sees each step.
         With use_cache the prompt is processed once and then one token per step; once the sequence outgrows
-        block_size the window slides, positions change, and the cropped window is processed anew each step,
-        which gives exactly the tokens of the uncached definition (use_cache=False), kept as the reference."""
+        block_size the window slides, positions change, and no cache can be reused: the cropped window is
+        processed anew each step, as in the uncached definition (use_cache=False), kept as the reference."""
         kv_cache = None
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            if not use_cache:
+            if not use_cache or idx.size(1) > self.config.block_size:
                 logits, _ = self(idx[:, -self.config.block_size:])
-            elif kv_cache is None or idx.size(1) > self.config.block_size:
+            elif kv_cache is None:
                 kv_cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
-                logits, _ = self(idx[:, -self.config.block_size:], kv_cache=kv_cache)
+                logits, _ = self(idx, kv_cache=kv_cache)
             else:
                 logits, _ = self(idx[:, -1:], kv_cache=kv_cache)
             idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p)

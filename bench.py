@@ -1,0 +1,230 @@
+"""
+A short benchmark: training throughput and MFU, or sampling latency with and without the KV cache.
+$ python bench.py                                   # train GPT-2 124M on random tokens
+$ python bench.py --device=cpu --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --vocab_size=65
+$ python bench.py --init_from=resume --out_dir=out-shakespeare-char --dataset=shakespeare_char
+$ python bench.py --mode=sample --max_new_tokens=1000 --compare_uncached=False --profile=True
+Training reports tokens/s, ms/iter, MFU (against the peak FLOP/s of the device in use) and peak memory.
+Sampling reports the prompt's latency, then per-token latency and tokens/s with the cache and without it
+(greedy, so both produce the same tokens), and per-token latency along the sequence.
+"""
+
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from checkpoint import dataset_dir, is_pretrained_name, load_checkpoint, model_from_checkpoint, pretrained_model
+from configurator import configure, die
+from hardware import autocast_context, best_device, best_dtype, check_device, peak_flops as device_peak_flops, sync
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+mode = 'train'  # 'train' or 'sample'
+init_from = 'scratch'  # 'scratch' (random weights), 'resume' (out_dir/ckpt.pt), a GPT-2 name or local HF directory
+out_dir = 'out'
+# model shape, for init_from=scratch; GPT-2 124M by default
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024  # also crops a loaded model's context
+vocab_size = 0  # 0: 50304 (GPT-2's 50257 padded, as train.py) to train, GPT-2's 50257 to sample
+bias = False
+dropout = 0.0
+# training
+batch_size = 12
+dataset = ''  # '' trains on random tokens; a dataset (as in train.py) reads batches from its train.bin
+warmup_steps = 10  # untimed steps first: allocations, compilation, caches
+num_steps = 20  # timed steps
+# sampling
+prompt_tokens = 16  # a random prompt
+max_new_tokens = 200
+num_samples = 1  # batch size of generation
+compare_uncached = True  # also time generate(use_cache=False); slow for long sequences
+# system
+device = best_device()
+dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' on CUDA; 'auto' is bfloat16 where supported, else float16
+compile = device == 'cuda'  # as train.py: torch.compile pays off on GPUs only
+peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks the GPU up by name, or measures a CPU
+profile = False  # also print torch.profiler's table of the top ops
+seed = 1337
+# -----------------------------------------------------------------------------
+configure(globals())
+if mode not in ('train', 'sample'):
+    die(f"unknown mode '{mode}'; use train or sample")
+device_type = check_device(device, 'float32' if dtype == 'auto' else dtype)
+dtype = best_dtype(device) if dtype == 'auto' else dtype
+if device_type != 'cuda':
+    dtype = 'float32'  # as in train.py: CPU and MPS run in float32
+torch.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+ctx = autocast_context(device_type, dtype)
+
+# model
+if init_from == 'scratch':
+    vocab_size = vocab_size or (50304 if mode == 'train' else 50257)
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                          vocab_size=vocab_size, dropout=dropout))
+elif init_from == 'resume':
+    model = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, 'ckpt.pt')), dropout=dropout)
+elif is_pretrained_name(init_from):
+    model = pretrained_model(init_from, dropout=dropout)
+else:
+    die(f"unknown init_from '{init_from}': use scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+        "or a local directory holding Hugging Face GPT-2 weights")
+if block_size < model.config.block_size:
+    model.crop_block_size(block_size)
+block_size = model.config.block_size
+vocab_size = model.config.vocab_size
+model.to(device)
+cfg = model.config
+print(f"{mode}: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {block_size}, vocab {vocab_size}, "
+      f"{model.get_num_params() / 1e6:.2f}M parameters; device {device}, {dtype}, compile {'on' if compile else 'off'}"
+      f"{f', {torch.get_num_threads()} threads' if device_type == 'cpu' else ''}")
+
+
+def profiled(fn, steps):
+    """Print torch.profiler's table of the ops that took the most time over `steps` calls of fn."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    sort_by = 'self_cuda_time_total' if device_type == 'cuda' else 'self_cpu_time_total'
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=20))
+
+
+def peak_memory():
+    """Peak memory so far: allocated by PyTorch on CUDA, else the whole process's peak resident set."""
+    if device_type == 'cuda':
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated (torch.cuda)"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return "unknown (no resource module)"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
+    return f"{rss / 2**30:.2f} GiB peak RSS of the process"
+
+
+def train():
+    if dataset:
+        path = os.path.join(dataset_dir(dataset), 'train.bin')
+        if not os.path.exists(path):
+            die(f"no train.bin at {path}; prepare the dataset first")
+        data = np.memmap(path, dtype=np.uint16, mode='r')
+        if len(data) <= block_size:
+            die(f"{path} has {len(data)} tokens, too few for block_size={block_size}")
+        offsets = np.arange(block_size + 1)
+        rng = np.random.default_rng(seed)
+
+        def get_batch():
+            ix = rng.integers(len(data) - block_size, size=batch_size)
+            windows = torch.from_numpy(data[ix[:, None] + offsets].astype(np.int64)).to(device)
+            return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+    else:
+        # one fixed batch of random tokens, as nanoGPT's bench.py: the model does the same work on any tokens
+        windows = torch.randint(vocab_size, (batch_size, block_size + 1), device=device)
+        batch = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+        def get_batch():
+            return batch
+
+    optimizer = model.configure_optimizers(weight_decay=1e-1, learning_rate=1e-4, betas=(0.9, 0.95),
+                                           device_type=device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+    train_model = torch.compile(model) if compile else model
+    model.train()
+    X, Y = get_batch()
+
+    def step():
+        nonlocal X, Y
+        with ctx:
+            _, loss = train_model(X, Y)
+        X, Y = get_batch()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(warmup_steps):
+        loss = step()
+    sync(device)
+    print(f"{warmup_steps} warm-up steps: {time.perf_counter() - t0:.1f} s, loss {loss.item():.4f}")
+    if device_type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(num_steps):
+        loss = step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / num_steps
+    tokens_per_iter = batch_size * block_size
+    peak = peak_flops or device_peak_flops(device, dtype)
+    mfu = model.estimate_mfu(tokens_per_iter, dt, peak)
+    print(f"{num_steps} steps of {tokens_per_iter:,} tokens: loss {loss.item():.4f}")
+    print(f"{tokens_per_iter / dt:,.0f} tokens/s, {dt * 1000:.2f} ms/iter, "
+          f"MFU {mfu * 100:.2f}% of {peak / 1e12:.2f} TFLOP/s, peak memory {peak_memory()}")
+    if profile:
+        profiled(step, min(num_steps, 10))
+
+
+def timed_generate(prompt, use_cache):
+    """Generate greedily; return the tokens and the time (s) at which each new token was ready, from the start."""
+    times = []
+
+    def on_token(_):
+        sync(device)
+        times.append(time.perf_counter() - t0)
+
+    sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens, temperature=0, use_cache=use_cache, on_token=on_token)
+    return out, np.array(times)
+
+
+def sample():
+    model.eval()
+    if compile:
+        model.forward = torch.compile(model.forward, dynamic=True)  # as sample.py: generate calls it per token
+    prompt = torch.randint(vocab_size, (num_samples, prompt_tokens), device=device)
+    model.generate(prompt, 2, temperature=0)  # warm up
+    model.generate(prompt, 2, temperature=0, use_cache=False)
+    runs = {'KV cache': timed_generate(prompt, use_cache=True)}
+    if compare_uncached:
+        runs['no cache'] = timed_generate(prompt, use_cache=False)
+        if not torch.equal(runs['KV cache'][0], runs['no cache'][0]):
+            print("warning: greedy tokens differ with and without the cache (reduced precision?)")
+
+    n = max_new_tokens * num_samples
+    print(f"\n{num_samples} x {max_new_tokens} new tokens after a {prompt_tokens}-token prompt, greedy; "
+          f"per-token times are for the whole batch")
+    print("| | prompt + 1st token (ms) | ms/token after | tokens/s |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, (_, times) in runs.items():
+        per_token = np.diff(times).mean() * 1000 if len(times) > 1 else float('nan')
+        print(f"| {name} | {times[0] * 1000:.1f} | {per_token:.2f} | {n / times[-1]:.1f} |")
+
+    # latency along the sequence: flat with the cache (until the sequence outgrows block_size), linear without
+    edges = np.unique(np.linspace(1, max_new_tokens, min(max_new_tokens, 7)).astype(int))
+    print(f"\nms/token by position in the sequence (block_size {block_size}):")
+    print("| new tokens | positions | " + " | ".join(runs) + " |")
+    print("| --- | --- |" + " ---: |" * len(runs))
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        cells = [f"{np.diff(times[lo - 1:hi]).mean() * 1000:.2f}" for _, times in runs.values()]
+        print(f"| {lo + 1}-{hi} | {prompt_tokens + lo + 1}-{prompt_tokens + hi} | " + " | ".join(cells) + " |")
+    print(f"peak memory {peak_memory()}")
+    if profile:
+        print("\nprofile of one generate call with the cache:")
+        profiled(lambda: model.generate(prompt, max_new_tokens, temperature=0), 1)
+
+
+if mode == 'train':
+    train()
+else:
+    with ctx:
+        sample()
