@@ -53,7 +53,7 @@ def test_scientific_notation_for_a_float_setting():
 
 @pytest.mark.parametrize('text, expected', [('out-x', 'out-x'), ('123', '123'), ('1+1=', '1+1='),
                                             ('a=b=c', 'a=b=c'), ('True', 'True'), ("'quoted'", 'quoted'),
-                                            ('/tmp/some dir/x', '/tmp/some dir/x')])
+                                            ('runs/some dir/x', 'runs/some dir/x')])
 def test_string_setting_keeps_text_as_typed(text, expected):
     value = configured([f'--out_dir={text}'])['out_dir']
     assert value == expected and type(value) is str
