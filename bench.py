@@ -18,7 +18,7 @@ import torch
 
 from checkpoint import dataset_dir, is_pretrained_name, load_checkpoint, model_from_checkpoint, pretrained_model
 from configurator import configure, die
-from hardware import autocast_context, best_device, best_dtype, check_device, peak_flops as device_peak_flops, sync
+from hardware import autocast_context, best_device, check_device, peak_flops as device_peak_flops, sync
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -54,10 +54,7 @@ seed = 1337
 configure(globals())
 if mode not in ('train', 'sample'):
     die(f"unknown mode '{mode}'; use train or sample")
-device_type = check_device(device, 'float32' if dtype == 'auto' else dtype)
-dtype = best_dtype(device) if dtype == 'auto' else dtype
-if device_type != 'cuda':
-    dtype = 'float32'  # as in train.py: CPU and MPS run in float32
+device_type, dtype = check_device(device, dtype)
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True

@@ -43,14 +43,16 @@ def best_dtype(device):
 
 
 def check_device(device, dtype):
-    """One clear line, instead of an error from deep inside torch, for a device or dtype we cannot use."""
-    if dtype not in DTYPES:
-        die(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
-    device_type = device.split(':')[0]
+    """The device type and the dtype a run will use ('auto' resolved; CPU and MPS run in float32), or one
+    clear line, instead of an error from deep inside torch, for a device or dtype we cannot use."""
+    if dtype != 'auto' and dtype not in DTYPES:
+        die(f"unknown dtype '{dtype}'; use auto or one of {', '.join(DTYPES)}")
+    device_type, _, index = device.partition(':')
     if device_type == 'cuda':
         if not torch.cuda.is_available():
             die(f"device '{device}' requested but CUDA is not available on this machine; use --device=cpu")
-        index = int(device.split(':')[1]) if ':' in device else 0
+        dtype = best_dtype(device) if dtype == 'auto' else dtype
+        index = int(index) if index.isdigit() else 0
         if index >= torch.cuda.device_count():
             die(f"device '{device}' does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
         if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
@@ -60,7 +62,7 @@ def check_device(device, dtype):
             die(f"device '{device}' requested but MPS is only available on Apple silicon Macs; use --device=cpu")
     elif device_type != 'cpu':
         die(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps")
-    return device_type
+    return device_type, dtype if device_type == 'cuda' else 'float32'
 
 
 def autocast_context(device_type, dtype):

@@ -275,8 +275,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     if top_p is not None and top_p < 1.0:
         # keep the smallest set of tokens whose probabilities add up to top_p (the top token always stays)
         sorted_logits, sorted_idx = torch.sort(logits, descending=True)
-        cum_probs = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        remove = cum_probs - F.softmax(sorted_logits, dim=-1) >= top_p
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
+        remove = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the mass before a token already suffices
         logits = logits.scatter(1, sorted_idx, sorted_logits.masked_fill(remove, -float('Inf')))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1)

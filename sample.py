@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from checkpoint import dataset_dir, is_pretrained_name, load_checkpoint, load_meta, model_from_checkpoint, pretrained_model
 from configurator import configure, die, settings_of
-from hardware import autocast_context, best_device, best_dtype, check_device
+from hardware import autocast_context, best_device, check_device
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), a GPT-2 name ('gpt2' ... 'gpt2-xl') or a local Hugging Face directory
@@ -32,8 +32,7 @@ dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' on CUDA; 'auto' is bfloat16
 compile = False  # use PyTorch 2.0 to compile the model to be faster
 # -----------------------------------------------------------------------------
 configure(globals())
-device_type = check_device(device, 'float32' if dtype == 'auto' else dtype)
-dtype = best_dtype(device) if dtype == 'auto' else dtype
+device_type, dtype = check_device(device, dtype)
 torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul

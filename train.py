@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (MODEL_SHAPE_KEYS, dataset_dir, is_pretrained_name, load_checkpoint, load_meta,
                         model_from_checkpoint, pretrained_model, save_checkpoint)
 from configurator import configure, die, settings_of
-from hardware import autocast_context, best_device, best_dtype, check_device, peak_flops as device_peak_flops
+from hardware import autocast_context, best_device, check_device, peak_flops as device_peak_flops
 from metrics import MetricsLog, WandbRun, plot_losses
 from model import GPT, GPTConfig
 
@@ -120,8 +120,7 @@ if ddp:
 else:
     ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
 master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
-device_type = check_device(device, 'float32' if dtype == 'auto' else dtype)
-dtype = best_dtype(device) if dtype == 'auto' else dtype
+device_type, dtype = check_device(device, dtype)
 if ddp:
     if device_type == 'cuda':
         torch.cuda.set_device(device)
@@ -217,7 +216,7 @@ model_args = {k: getattr(model.config, k) for k in MODEL_SHAPE_KEYS + ('dropout'
 model.to(device)
 
 # initialize a GradScaler. If enabled=False scaler is a no-op
-scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16' and device_type == 'cuda'))
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
     optimizer.load_state_dict(checkpoint['optimizer'])
@@ -308,7 +307,7 @@ def nonfinite_loss_error(value, where):
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
     n_params = raw_model.get_num_params()
-    print(f"run: device {device} x {ddp_world_size} process(es), dtype {dtype if device_type == 'cuda' else 'float32'}, "
+    print(f"run: device {device} x {ddp_world_size} process(es), dtype {dtype}, "
           f"compile {'on' if compile else 'off'}, {n_params / 1e6:.2f}M parameters, "
           f"{tokens_per_iter:,} tokens per iteration, checkpoints in {os.path.abspath(out_dir)}")
 metrics = MetricsLog(os.path.join(out_dir, 'log.jsonl'), resume_from=resumed_at,
@@ -316,7 +315,7 @@ metrics = MetricsLog(os.path.join(out_dir, 'log.jsonl'), resume_from=resumed_at,
 wandb_run = WandbRun(wandb_log and master_process, wandb_project, wandb_run_name, config,
                      checkpoint.get('wandb_run_id') if checkpoint else None)
 checkpoint = None  # free up memory
-peak = peak_flops or device_peak_flops(device, dtype if device_type == 'cuda' else 'float32')
+peak = peak_flops or device_peak_flops(device, dtype)
 
 # training loop
 X, Y = get_batch('train', train_key(iter_num, ddp_rank * micro_steps))  # fetch the very first batch

@@ -134,34 +134,18 @@ def test_unknown_key_without_close_match_lists_known_keys(capsys):
         assert key in line
 
 
-def test_non_number_for_int_setting_names_type_and_value(capsys):
-    line = expect_error(capsys, ['--batch_size=abc'])
-    assert 'batch_size' in line and 'int' in line and "'abc'" in line
-
-
-def test_fraction_for_int_setting_is_refused(capsys):
-    line = expect_error(capsys, ['--max_iters=5.5'])
-    assert 'max_iters' in line and 'int' in line and '5.5' in line
-
-
-def test_bool_for_int_setting_is_refused(capsys):
-    line = expect_error(capsys, ['--batch_size=True'])
-    assert 'batch_size' in line and 'int' in line
-
-
-def test_number_for_bool_setting_is_refused(capsys):
-    line = expect_error(capsys, ['--compile=1'])
-    assert 'compile' in line and 'bool' in line
-
-
-def test_neither_true_nor_false_for_bool_setting_is_refused(capsys):
-    line = expect_error(capsys, ['--compile=maybe'])
-    assert 'compile' in line and 'bool' in line and 'maybe' in line
-
-
-def test_text_for_float_setting_is_refused(capsys):
-    line = expect_error(capsys, ['--learning_rate=fast'])
-    assert 'learning_rate' in line and 'float' in line and 'fast' in line
+@pytest.mark.parametrize('arg, must_mention', [
+    ('--batch_size=abc', ['batch_size', 'int', "'abc'"]),  # not a number
+    ('--max_iters=5.5', ['max_iters', 'int', '5.5']),  # a fraction for an int
+    ('--batch_size=True', ['batch_size', 'int']),  # a bool for an int
+    ('--compile=1', ['compile', 'bool']),  # a number for a bool
+    ('--compile=maybe', ['compile', 'bool', 'maybe']),  # neither true nor false
+    ('--learning_rate=fast', ['learning_rate', 'float', 'fast']),  # text for a float
+])
+def test_wrong_type_names_the_setting_its_type_and_the_value(capsys, arg, must_mention):
+    line = expect_error(capsys, [arg])
+    for text in must_mention:
+        assert text in line
 
 
 def test_override_without_value_is_refused(capsys):
