@@ -206,13 +206,14 @@ def sample():
         per_token = np.diff(times).mean() * 1000 if len(times) > 1 else float('nan')
         print(f"| {name} | {times[0] * 1000:.1f} | {per_token:.2f} | {n / times[-1]:.1f} |")
 
-    # latency along the sequence: flat with the cache (until the sequence outgrows block_size), linear without
+    # latency along the sequence: near flat with the cache (until the sequence outgrows block_size), linear
+    # without; medians, so that a stall caused by another process on a shared machine does not move a row
     edges = np.unique(np.linspace(1, max_new_tokens, min(max_new_tokens, 7)).astype(int))
-    print(f"\nms/token by position in the sequence (block_size {block_size}):")
+    print(f"\nmedian ms/token by position in the sequence (block_size {block_size}):")
     print("| new tokens | positions | " + " | ".join(runs) + " |")
     print("| --- | --- |" + " ---: |" * len(runs))
     for lo, hi in zip(edges[:-1], edges[1:]):
-        cells = [f"{np.diff(times[lo - 1:hi]).mean() * 1000:.2f}" for _, times in runs.values()]
+        cells = [f"{np.median(np.diff(times[lo - 1:hi])) * 1000:.2f}" for _, times in runs.values()]
         print(f"| {lo + 1}-{hi} | {prompt_tokens + lo + 1}-{prompt_tokens + hi} | " + " | ".join(cells) + " |")
     print(f"peak memory {peak_memory()}")
     if profile:

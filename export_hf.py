@@ -86,8 +86,9 @@ def main():
     cfg = model.config
     bpe = GPT2_VOCAB_SIZE <= cfg.vocab_size <= PADDED_VOCAB_SIZE  # GPT-2's tokens, maybe padded
     vocab_size = GPT2_VOCAB_SIZE if bpe else cfg.vocab_size
+    activation = 'gelu_new' if cfg.gelu_approximate == 'tanh' else 'gelu'  # transformers' names for the two
     hf_config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                           n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function='gelu_new',
+                           n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function=activation,
                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                            bos_token_id=50256 if bpe else None, eos_token_id=50256 if bpe else None)
     hf_model = GPT2LMHeadModel(hf_config)

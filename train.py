@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -212,7 +213,7 @@ if block_size > model.config.block_size:
 if meta_vocab_size and meta_vocab_size > model.config.vocab_size:
     die(f"dataset '{dataset}' has {meta_vocab_size} tokens in its vocabulary, more than the model's "
         f"{model.config.vocab_size}; train from scratch on it instead")
-model_args = {k: getattr(model.config, k) for k in MODEL_SHAPE_KEYS + ('dropout',)}
+model_args = asdict(model.config)  # all of GPTConfig: sample.py and resume rebuild the same model
 model.to(device)
 
 # initialize a GradScaler. If enabled=False scaler is a no-op

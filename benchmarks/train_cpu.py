@@ -1,7 +1,9 @@
 """
 CPU training speed at the README's CPU config (char-level Shakespeare scaled down: 4 layers, 4 heads, 128 wide,
 block 64, batch 12, float32): this repository's training step, as train.py runs it, against nanoGPT's step
-on the same model. Also torch.compile's start-up cost and the number of iterations it needs to pay it back.
+on the same model (nanoGPT's: exact GELU), and our step with GPT-2's tanh GELU, which this repository used for
+every model before and still uses for GPT-2's weights. Also torch.compile's start-up cost and the number of
+iterations it needs to pay it back.
 $ python benchmarks/train_cpu.py
 $ python benchmarks/train_cpu.py --threads=1 --repeats=5 --profile=True
 Both steps train on the same random tokens (a uint16 memmap in a temp dir, like a prepared train.bin) and
@@ -49,10 +51,10 @@ if threads:
 tokens_per_iter = batch_size * block_size
 
 
-def make_model():
+def make_model(gelu_approximate='none'):
     torch.manual_seed(seed)  # the same initial weights for every step kind
     config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                       vocab_size=vocab_size, dropout=0.0)
+                       vocab_size=vocab_size, dropout=0.0, gelu_approximate=gelu_approximate)
     return GPT(config)
 
 
@@ -66,8 +68,8 @@ class OursStep:
     """train.py's step: fused AdamW from configure_optimizers, one gather per batch from a memmap opened once,
     batches and dropout seeded by the step number, the loss read once per iteration (log_interval=1)."""
 
-    def __init__(self, path, compiled=False):
-        self.raw_model = make_model()
+    def __init__(self, path, compiled=False, gelu_approximate='none'):
+        self.raw_model = make_model(gelu_approximate)
         self.optimizer = self.raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), 'cpu')
         self.model = torch.compile(self.raw_model) if compiled else self.raw_model
         self.data = np.memmap(path, dtype=np.uint16, mode='r')
@@ -149,7 +151,8 @@ with tempfile.TemporaryDirectory() as tmp:
           f"vocab {vocab_size}: {tokens_per_iter} tokens/iter; {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
 
-    runners = {'nanoGPT': NanoGPTStep(path), 'this repository (train.py)': OursStep(path)}
+    runners = {'nanoGPT': NanoGPTStep(path), 'this repository (train.py)': OursStep(path),
+               "this repository, GPT-2's tanh GELU": OursStep(path, gelu_approximate='tanh')}
     times = {name: [] for name in runners}
     for r in range(repeats):
         for name, runner in runners.items():  # alternate, so load from other processes hits both

@@ -52,6 +52,7 @@ def test_cpu_finetune_from_local_gpt2_then_sample_decodes_with_tiktoken(tmp_path
     assert sorted(iter_losses(proc.stdout)) == list(range(6))
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     assert ckpt['model_args']['vocab_size'] == 50257 and ckpt['model_args']['block_size'] == 32
+    assert ckpt['model_args']['gelu_approximate'] == 'tanh'  # GPT-2's GELU survives into the checkpoint
 
     prompt = 'KING:\nThe crown'
     sample = run_script('sample.py', f'--out_dir={out_dir}', '--device=cpu', '--num_samples=1',

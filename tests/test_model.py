@@ -278,12 +278,13 @@ def random_hf_configs():
     return configs
 
 
-def save_random_hf_gpt2(directory, seed, n_layer, n_head, n_embd, n_positions, vocab_size):
+def save_random_hf_gpt2(directory, seed, n_layer, n_head, n_embd, n_positions, vocab_size,
+                        activation_function='gelu_new'):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
                         vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        activation_function='gelu_new', bos_token_id=None, eos_token_id=None,
+                        activation_function=activation_function, bos_token_id=None, eos_token_id=None,
                         initializer_range=0.1)  # larger than GPT-2's 0.02: varied, non-repeating greedy text
     hf = GPT2LMHeadModel(config)
     hf.eval()
@@ -291,13 +292,15 @@ def save_random_hf_gpt2(directory, seed, n_layer, n_head, n_embd, n_positions, v
     return hf
 
 
-@pytest.mark.parametrize('index', [0, 1, 2])
-def test_from_pretrained_matches_transformers_logits_and_greedy_generation(tmp_path, index):
+# GPT-2's tanh GELU, the exact GELU, and transformers' other name for the tanh one
+@pytest.mark.parametrize('index, activation', [(0, 'gelu_new'), (1, 'gelu'), (2, 'gelu_pytorch_tanh')])
+def test_from_pretrained_matches_transformers_logits_and_greedy_generation(tmp_path, index, activation):
     shape = random_hf_configs()[index]
     assert 32 <= shape['n_embd'] <= 64 and shape['n_embd'] % shape['n_head'] == 0
-    hf = save_random_hf_gpt2(tmp_path, index, **shape)
+    hf = save_random_hf_gpt2(tmp_path, index, **shape, activation_function=activation)
     model = GPT.from_pretrained(str(tmp_path))
     model.eval()
+    assert model.config.gelu_approximate == ('none' if activation == 'gelu' else 'tanh')
     assert (model.config.n_layer, model.config.n_head, model.config.n_embd, model.config.block_size,
             model.config.vocab_size) == (shape['n_layer'], shape['n_head'], shape['n_embd'],
                                          shape['n_positions'], shape['vocab_size'])
@@ -322,6 +325,24 @@ def test_from_pretrained_applies_dropout_override(tmp_path):
     assert model.config.dropout == 0.1
     assert model.transformer.drop.p == 0.1
     assert model.transformer.h[0].attn.dropout == 0.1
+
+
+def test_from_pretrained_rejects_unsupported_activation_in_one_line(tmp_path):
+    save_random_hf_gpt2(tmp_path, 0, n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=100,
+                        activation_function='relu')
+    with pytest.raises(ValueError) as info:
+        GPT.from_pretrained(str(tmp_path))
+    assert "activation_function='relu'" in str(info.value) and '\n' not in str(info.value)
+
+
+def test_exact_and_tanh_gelu_models_differ():
+    """The GELU choice reaches the MLP: the same weights give different logits with the other GELU."""
+    exact = tiny_model()
+    tanh = GPT(GPTConfig(**{**vars(exact.config), 'gelu_approximate': 'tanh'}))
+    tanh.load_state_dict(exact.state_dict())
+    idx = torch.randint(0, exact.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert exact.config.gelu_approximate == 'none'  # from scratch: nanoGPT's exact GELU
+    assert not torch.allclose(all_logits(exact, idx), all_logits(tanh, idx), atol=1e-6, rtol=0)
 
 
 def test_from_pretrained_rejects_unknown_name_in_one_line():
