@@ -238,7 +238,7 @@ class GPT(nn.Module):
         """Model FLOPs utilization: achieved FLOP/s over the peak FLOP/s of the device in use."""
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
-    @torch.inference_mode()  # cheaper than no_grad: the tensors made here never need autograd
+    @torch.no_grad()  # not inference_mode: generated tokens must stay usable as training inputs
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None,
                  use_cache=True, on_token=None):
         """Extend each row of idx (LongTensor (b, t)) by up to max_new_tokens sampled tokens.

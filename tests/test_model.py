@@ -459,6 +459,14 @@ def test_batched_generation_equals_each_row_alone(gen_model):
     assert not torch.equal(batched[0], batched[1])
 
 
+def test_generated_tokens_can_be_trained_on(gen_model):
+    out = gen_model.generate(torch.zeros(1, 2, dtype=torch.long), 8, temperature=0)
+    _, loss = gen_model(out[:, :-1], out[:, 1:])
+    loss.backward()  # fails if generate made inference-mode tensors, which autograd refuses to save
+    assert gen_model.lm_head.weight.grad is not None
+    gen_model.zero_grad(set_to_none=True)
+
+
 def test_on_token_sees_every_new_token(gen_model):
     prompt = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(5))
     seen = []
