@@ -16,10 +16,10 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import dataset_dir, is_pretrained_name, load_checkpoint, model_from_checkpoint, pretrained_model
+from checkpoint import (dataset_dir, is_pretrained_name, load_checkpoint, model_from_checkpoint, new_model,
+                        pretrained_model)
 from configurator import configure, die
 from hardware import autocast_context, best_device, check_device, peak_flops as device_peak_flops, sync
-from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 mode = 'train'  # 'train' or 'sample'
@@ -63,8 +63,8 @@ ctx = autocast_context(device_type, dtype)
 # model
 if init_from == 'scratch':
     vocab_size = vocab_size or (50304 if mode == 'train' else 50257)
-    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                          vocab_size=vocab_size, dropout=dropout))
+    model = new_model(dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                           vocab_size=vocab_size, dropout=dropout), "the settings")
 elif init_from == 'resume':
     model = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, 'ckpt.pt')), dropout=dropout)
 elif is_pretrained_name(init_from):

@@ -47,7 +47,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
+        assert config.n_embd % config.n_head == 0, f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}"
         self.layer = layer
         # key, query, value projections for all heads, in a batch
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -86,6 +86,7 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        assert config.gelu_approximate in ('none', 'tanh'), f"unknown gelu_approximate '{config.gelu_approximate}'"
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate=config.gelu_approximate)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)

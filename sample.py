@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import dataset_dir, is_pretrained_name, load_checkpoint, load_meta, model_from_checkpoint, pretrained_model
-from configurator import configure, die, settings_of
+from configurator import configure, die
 from hardware import autocast_context, best_device, check_device
 
 # -----------------------------------------------------------------------------

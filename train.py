@@ -36,11 +36,10 @@ from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (MODEL_SHAPE_KEYS, dataset_dir, is_pretrained_name, load_checkpoint, load_meta,
-                        model_from_checkpoint, pretrained_model, save_checkpoint)
+                        model_from_checkpoint, new_model, pretrained_model, save_checkpoint)
 from configurator import configure, die, settings_of
 from hardware import autocast_context, best_device, check_device, peak_flops as device_peak_flops
 from metrics import MetricsLog, WandbRun, plot_losses
-from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a gpt2 (124M) on OpenWebText
@@ -192,7 +191,7 @@ if init_from == 'scratch':
         print("Initializing a new model from scratch")
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                       vocab_size=meta_vocab_size or 50304, dropout=dropout)  # 50304: GPT-2's 50257, padded
-    model = GPT(GPTConfig(**model_args))
+    model = new_model(model_args, f"the settings {model_args}")
 elif init_from == 'resume':
     if master_process:
         print(f"Resuming training from {out_dir} at iter {checkpoint['iter_num']}")

@@ -69,6 +69,18 @@ def test_missing_config_file_says_it_cannot_be_read():
     assert 'config/nope.py' in error and 'No such file' in error
 
 
+@pytest.mark.parametrize('script', ['train.py', 'bench.py'])
+@pytest.mark.parametrize('shape, message', [(dict(n_embd=30, n_head=4), 'n_embd=30 is not divisible by n_head=4'),
+                                            (dict(n_embd=-32, n_head=2), 'negative dimension')])
+def test_impossible_model_shape_is_one_clear_line(tmp_path, dataset, script, shape, message):
+    settings = dict(TINY, dataset=dataset, out_dir=str(tmp_path / 'out'), **shape)
+    if script == 'bench.py':
+        settings = {k: settings[k] for k in ('device', 'n_layer', 'n_head', 'n_embd', 'block_size', 'dataset')}
+    error = assert_one_line_error(run_script(script, *args_of(settings), check=False))
+    assert 'describe no model' in error and message in error
+    assert not os.path.exists(tmp_path / 'out')
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, so --device=cuda is no mistake")
 @pytest.mark.parametrize('script', ['train.py', 'sample.py'])
 def test_cuda_device_without_cuda_says_so(script):
