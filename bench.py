@@ -63,8 +63,9 @@ ctx = autocast_context(device_type, dtype)
 # model
 if init_from == 'scratch':
     vocab_size = vocab_size or (50304 if mode == 'train' else 50257)
-    model = new_model(dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                           vocab_size=vocab_size, dropout=dropout), "the settings")
+    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                      vocab_size=vocab_size, dropout=dropout)
+    model = new_model(model_args, f"the settings {model_args}")
 elif init_from == 'resume':
     model = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, 'ckpt.pt')), dropout=dropout)
 elif is_pretrained_name(init_from):

@@ -47,12 +47,14 @@ def check_device(device, dtype):
     clear line, instead of an error from deep inside torch, for a device or dtype we cannot use."""
     if dtype != 'auto' and dtype not in DTYPES:
         die(f"unknown dtype '{dtype}'; use auto or one of {', '.join(DTYPES)}")
-    device_type, _, index = device.partition(':')
+    device_type, colon, index = device.partition(':')
+    if colon and not index.isdigit():
+        die(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps")
     if device_type == 'cuda':
         if not torch.cuda.is_available():
             die(f"device '{device}' requested but CUDA is not available on this machine; use --device=cpu")
         dtype = best_dtype(device) if dtype == 'auto' else dtype
-        index = int(index) if index.isdigit() else 0
+        index = int(index) if index else 0
         if index >= torch.cuda.device_count():
             die(f"device '{device}' does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
         if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():

@@ -29,14 +29,16 @@ class LayerNorm(nn.Module):
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to block_size."""
 
-    def __init__(self, config, batch_size, device, dtype):
+    def __init__(self, config, batch_size):
         # one buffer per layer holding keys and values side by side: an update is one slice and one copy
-        shape = (batch_size, 2, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.kv = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.shape = (batch_size, 2, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.kv = [None] * config.n_layer  # allocated at first use, in the dtype autocast gives keys and values
         self.length = 0  # tokens cached so far; advanced by GPT.forward after all layers
 
     def update(self, layer, kv):
         """Append kv (B, 2, nh, T, hs) to the layer's cache; return all its keys and values so far."""
+        if self.kv[layer] is None:
+            self.kv[layer] = kv.new_empty(self.shape)
         end = self.length + kv.size(3)
         cache = self.kv[layer]
         cache[:, :, :, self.length:end] = kv
@@ -254,7 +256,7 @@ class GPT(nn.Module):
             if not use_cache or idx.size(1) > self.config.block_size:
                 logits, _ = self(idx[:, -self.config.block_size:])
             elif kv_cache is None:
-                kv_cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                kv_cache = KVCache(self.config, idx.size(0))
                 logits, _ = self(idx, kv_cache=kv_cache)
             else:
                 logits, _ = self(idx[:, -1:], kv_cache=kv_cache)

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import export_hf
 from model import GPT, GPTConfig
 
 from scripts import REPO_ROOT
+
 GPT2_VOCAB = 50257
 PADDED_VOCAB = 50304
 
@@ -22,14 +24,8 @@ PADDED_VOCAB = 50304
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def model_args_of(config):
-    return dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-                block_size=config.block_size, bias=config.bias, vocab_size=config.vocab_size,
-                dropout=config.dropout)
-
-
 def save_like_train_py(model, path, iter_num=0):
-    checkpoint.save_checkpoint({'model': model.state_dict(), 'model_args': model_args_of(model.config),
+    checkpoint.save_checkpoint({'model': model.state_dict(), 'model_args': asdict(model.config),
                                 'iter_num': iter_num, 'best_val_loss': 1.0,
                                 'config': {'dataset': 'shakespeare'}}, str(path))
 
@@ -69,7 +65,8 @@ def bpe_export(tmp_path_factory):
     source = GPT.from_pretrained(str(root / 'source'))
 
     torch.manual_seed(1)
-    padded = GPT(GPTConfig(vocab_size=PADDED_VOCAB, block_size=32, n_layer=2, n_head=2, n_embd=32, bias=True))
+    padded = GPT(GPTConfig(vocab_size=PADDED_VOCAB, block_size=32, n_layer=2, n_head=2, n_embd=32, bias=True,
+                           gelu_approximate=source.config.gelu_approximate))  # 'tanh', as a finetune of GPT-2
     with torch.no_grad():
         for name, tensor in source.state_dict().items():
             if name in ('transformer.wte.weight', 'lm_head.weight'):
@@ -95,6 +92,7 @@ def test_bpe_export_trims_padded_vocab_and_matches_logits(bpe_export):
     assert hf.config.vocab_size == GPT2_VOCAB
     assert hf.config.n_positions == 32
     assert hf.config.eos_token_id == 50256 and hf.config.bos_token_id == 50256
+    assert hf.config.activation_function == 'gelu_new'  # GPT-2's tanh GELU, as the checkpoint says
     idx = torch.randint(0, GPT2_VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = hf(idx).logits
@@ -200,6 +198,7 @@ def test_char_level_bias_free_export_from_best_checkpoint(tmp_path):
     hf = GPT2LMHeadModel.from_pretrained(str(export_dir))
     hf.eval()
     assert hf.config.vocab_size == 65
+    assert hf.config.activation_function == 'gelu'  # trained from scratch: the exact GELU
     idx = torch.randint(0, 65, (3, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = hf(idx).logits

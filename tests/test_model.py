@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -164,18 +165,12 @@ def test_init_scales_residual_projections_by_depth():
 
 # ----------------------------------------------------------------------------- checkpoints, cropping
 
-def model_args_of(config):
-    return dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-                block_size=config.block_size, bias=config.bias, vocab_size=config.vocab_size,
-                dropout=config.dropout)
-
-
 @pytest.mark.parametrize('compiled_prefix', ['', '_orig_mod.'])
 def test_weight_tying_survives_a_checkpoint_round_trip(tmp_path, compiled_prefix):
-    model = tiny_model()
+    model = tiny_model(gelu_approximate='tanh')  # not the default: the round trip must keep it
     state = {compiled_prefix + k: v for k, v in model.state_dict().items()}
     path = str(tmp_path / 'ckpt.pt')
-    checkpoint.save_checkpoint({'model': state, 'model_args': model_args_of(model.config), 'iter_num': 7,
+    checkpoint.save_checkpoint({'model': state, 'model_args': asdict(model.config), 'iter_num': 7,
                                 'best_val_loss': 2.5, 'config': {}}, path)
     loaded_ckpt = checkpoint.load_checkpoint(path)
     assert loaded_ckpt['iter_num'] == 7
@@ -195,7 +190,7 @@ def test_weight_tying_survives_a_checkpoint_round_trip(tmp_path, compiled_prefix
 
 def test_model_from_checkpoint_applies_dropout_override(tmp_path):
     model = tiny_model()
-    ckpt = {'model': model.state_dict(), 'model_args': model_args_of(model.config)}
+    ckpt = {'model': model.state_dict(), 'model_args': asdict(model.config)}
     loaded = checkpoint.model_from_checkpoint(ckpt, dropout=0.25)
     assert loaded.config.dropout == 0.25
     assert loaded.transformer.drop.p == 0.25
@@ -338,11 +333,14 @@ def test_from_pretrained_rejects_unsupported_activation_in_one_line(tmp_path):
 def test_exact_and_tanh_gelu_models_differ():
     """The GELU choice reaches the MLP: the same weights give different logits with the other GELU."""
     exact = tiny_model()
+    with torch.no_grad():
+        for p in exact.parameters():
+            p.mul_(5.0)  # GPT-2's small init keeps GELU inputs near 0, where the two GELUs nearly agree
     tanh = GPT(GPTConfig(**{**vars(exact.config), 'gelu_approximate': 'tanh'}))
     tanh.load_state_dict(exact.state_dict())
     idx = torch.randint(0, exact.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     assert exact.config.gelu_approximate == 'none'  # from scratch: nanoGPT's exact GELU
-    assert not torch.allclose(all_logits(exact, idx), all_logits(tanh, idx), atol=1e-6, rtol=0)
+    assert (all_logits(exact, idx) - all_logits(tanh, idx)).abs().max().item() > 1e-4  # float32 noise: ~1e-6
 
 
 def test_from_pretrained_rejects_unknown_name_in_one_line():
@@ -440,7 +438,7 @@ def test_incremental_cached_logits_equal_full_forward_logits(gen_model, flash):
     B, T, P = 2, 32, 7
     idx = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(3))
     full = all_logits(gen_model, idx)
-    cache = KVCache(gen_model.config, B, 'cpu', torch.float32)
+    cache = KVCache(gen_model.config, B)
     with torch.no_grad():
         logits, _ = gen_model(idx[:, :P], kv_cache=cache)
         torch.testing.assert_close(logits[:, -1], full[:, P - 1], atol=1e-5, rtol=0)
@@ -448,6 +446,20 @@ def test_incremental_cached_logits_equal_full_forward_logits(gen_model, flash):
             logits, _ = gen_model(idx[:, t:t + 1], kv_cache=cache)
             assert cache.length == t + 1
             torch.testing.assert_close(logits[:, -1], full[:, t], atol=1e-5, rtol=0, msg=f'position {t}')
+
+
+def test_cache_holds_keys_and_values_in_the_autocast_dtype(gen_model):
+    # under mixed precision keys and values come out of c_attn in bfloat16: a float32 cache would double its
+    # memory and convert every layer's whole cache back for attention at every token
+    idx = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(6))
+    cache = KVCache(gen_model.config, 2)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        prefill, _ = gen_model(idx[:, :5], kv_cache=cache)
+        step, _ = gen_model(idx[:, 5:], kv_cache=cache)
+        full, _ = gen_model(idx, targets=torch.zeros_like(idx))
+    assert all(kv.dtype == torch.bfloat16 for kv in cache.kv)
+    torch.testing.assert_close(step[:, -1].float(), full[:, -1].float(), atol=0.1, rtol=0.02)
+    assert not torch.allclose(step[:, -1].float(), prefill[:, -1].float(), atol=0.1, rtol=0.02)
 
 
 def test_batched_generation_equals_each_row_alone(gen_model):
