@@ -65,7 +65,7 @@ if init_from == 'scratch':
     vocab_size = vocab_size or (50304 if mode == 'train' else 50257)
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                       vocab_size=vocab_size, dropout=dropout)
-    model = new_model(model_args, f"the settings {model_args}")
+    model = new_model(model_args, "the settings")
 elif init_from == 'resume':
     model = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, 'ckpt.pt')), dropout=dropout)
 elif is_pretrained_name(init_from):

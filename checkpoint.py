@@ -77,18 +77,18 @@ def load_checkpoint(path):
 
 
 def new_model(model_args, source):
-    """GPT(GPTConfig(**model_args)), or one clear line saying why source (settings, a checkpoint) gives none."""
+    """GPT(GPTConfig(**model_args)), or one clear line saying why these args from source give no model."""
     try:
         return GPT(GPTConfig(**model_args))
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:  # unknown key, impossible value
-        die(f"{source} describe no model this model.py can build: {e}")
+        die(f"{source} {model_args} describe no model this model.py can build: {e}")
 
 
 def model_from_checkpoint(checkpoint, dropout=None):
     model_args = dict(checkpoint['model_args'])
     if dropout is not None:
         model_args['dropout'] = dropout
-    model = new_model(model_args, f"the checkpoint's model_args {model_args}")
+    model = new_model(model_args, "the checkpoint's model_args")
     try:
         model.load_state_dict(checkpoint['model'])
     except RuntimeError as e:

@@ -191,7 +191,7 @@ if init_from == 'scratch':
         print("Initializing a new model from scratch")
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                       vocab_size=meta_vocab_size or 50304, dropout=dropout)  # 50304: GPT-2's 50257, padded
-    model = new_model(model_args, f"the settings {model_args}")
+    model = new_model(model_args, "the settings")
 elif init_from == 'resume':
     if master_process:
         print(f"Resuming training from {out_dir} at iter {checkpoint['iter_num']}")

@@ -1,9 +1,8 @@
 """
 CPU training speed at the README's CPU config (char-level Shakespeare scaled down: 4 layers, 4 heads, 128 wide,
 block 64, batch 12, float32): this repository's training step, as train.py runs it, against nanoGPT's step
-on the same model (nanoGPT's: exact GELU), and our step with GPT-2's tanh GELU, which this repository used for
-every model before and still uses for GPT-2's weights. Also torch.compile's start-up cost and the number of
-iterations it needs to pay it back.
+on the same model (nanoGPT's: exact GELU), and our step with GPT-2's tanh GELU, which models loaded from
+GPT-2's weights use. Also torch.compile's start-up cost and the number of iterations it needs to pay it back.
 $ python benchmarks/train_cpu.py
 $ python benchmarks/train_cpu.py --threads=1 --repeats=5 --profile=True
 Both steps train on the same random tokens (a uint16 memmap in a temp dir, like a prepared train.bin) and
