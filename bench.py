@@ -16,44 +16,48 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import (dataset_dir, is_pretrained_name, load_checkpoint, model_from_checkpoint, new_model,
-                        pretrained_model)
-from configurator import configure, die
+from checkpoint import (dataset_dir, is_pretrained_name, load_checkpoint, load_tokens, model_from_checkpoint,
+                        new_model, pretrained_model)
+from configurator import UserError, configure, report_errors
 from hardware import autocast_context, best_device, check_device, peak_flops as device_peak_flops, sync
+
+report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
 
 # -----------------------------------------------------------------------------
 mode = 'train'  # 'train' or 'sample'
 init_from = 'scratch'  # 'scratch' (random weights), 'resume' (out_dir/ckpt.pt), a GPT-2 name or local HF directory
-out_dir = 'out'
+out_dir = 'out'  # the run directory, for init_from=resume
 # model shape, for init_from=scratch; GPT-2 124M by default
-n_layer = 12
-n_head = 12
-n_embd = 768
+n_layer = 12  # transformer blocks
+n_head = 12  # attention heads per block
+n_embd = 768  # width of the residual stream
 block_size = 1024  # also crops a loaded model's context
 vocab_size = 0  # 0: 50304 (GPT-2's 50257 padded, as train.py) to train, GPT-2's 50257 to sample
-bias = False
-dropout = 0.0
+bias = False  # biases in Linears and LayerNorms
+dropout = 0.0  # dropout probability while training
 # training
-batch_size = 12
+batch_size = 12  # sequences per training step
 dataset = ''  # '' trains on random tokens; a dataset (as in train.py) reads batches from its train.bin
 warmup_steps = 10  # untimed steps first: allocations, compilation, caches
 num_steps = 20  # timed steps
 # sampling
 prompt_tokens = 16  # a random prompt
-max_new_tokens = 200
+max_new_tokens = 200  # tokens generated per sample
 num_samples = 1  # batch size of generation
 compare_uncached = True  # also time generate(use_cache=False); slow for long sequences
 # system
-device = best_device()
+device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the best one this machine has
 dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' on CUDA; 'auto' is bfloat16 where supported, else float16
-compile = device == 'cuda'  # as train.py: torch.compile pays off on GPUs only
+compile = True  # torch.compile; unless set, on for CUDA only, as in train.py
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks the GPU up by name, or measures a CPU
 profile = False  # also print torch.profiler's table of the top ops
-seed = 1337
+seed = 1337  # decides the random weights and tokens
 # -----------------------------------------------------------------------------
-configure(globals())
+user_keys = configure(globals())
+if 'compile' not in user_keys:
+    compile = device.startswith('cuda')
 if mode not in ('train', 'sample'):
-    die(f"unknown mode '{mode}'; use train or sample")
+    raise UserError(f"unknown mode '{mode}'; use train or sample")
 device_type, dtype = check_device(device, dtype)
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -71,8 +75,8 @@ elif init_from == 'resume':
 elif is_pretrained_name(init_from):
     model = pretrained_model(init_from, dropout=dropout)
 else:
-    die(f"unknown init_from '{init_from}': use scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
-        "or a local directory holding Hugging Face GPT-2 weights")
+    raise UserError(f"unknown init_from '{init_from}': use scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+                    "or a local directory holding Hugging Face GPT-2 weights")
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)
 block_size = model.config.block_size
@@ -112,10 +116,10 @@ def train():
     if dataset:
         path = os.path.join(dataset_dir(dataset), 'train.bin')
         if not os.path.exists(path):
-            die(f"no train.bin at {path}; prepare the dataset first")
-        data = np.memmap(path, dtype=np.uint16, mode='r')
+            raise UserError(f"no train.bin at {path}; prepare the dataset first")
+        data = load_tokens(dataset_dir(dataset), 'train')
         if len(data) <= block_size:
-            die(f"{path} has {len(data)} tokens, too few for block_size={block_size}")
+            raise UserError(f"{path} has {len(data)} tokens, too few for block_size={block_size}")
         offsets = np.arange(block_size + 1)
         rng = np.random.default_rng(seed)
 
@@ -162,11 +166,11 @@ def train():
     sync(device)
     dt = (time.perf_counter() - t0) / num_steps
     tokens_per_iter = batch_size * block_size
-    peak = peak_flops or device_peak_flops(device, dtype)
+    peak, peak_source = (peak_flops, "--peak_flops") if peak_flops else device_peak_flops(device, dtype)
     mfu = model.estimate_mfu(tokens_per_iter, dt, peak)
     print(f"{num_steps} steps of {tokens_per_iter:,} tokens: loss {loss.item():.4f}")
     print(f"{tokens_per_iter / dt:,.0f} tokens/s, {dt * 1000:.2f} ms/iter, "
-          f"MFU {mfu * 100:.2f}% of {peak / 1e12:.2f} TFLOP/s, peak memory {peak_memory()}")
+          f"MFU {mfu * 100:.2f}% of {peak / 1e12:.2f} TFLOP/s ({peak_source}), peak memory {peak_memory()}")
     if profile:
         profiled(step, min(num_steps, 10))
 

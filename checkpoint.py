@@ -1,35 +1,39 @@
 """
-Checkpoints and dataset metadata, read and written in one place for train.py, sample.py, bench.py and
-export_hf.py. Writes are atomic (temp file, fsync, rename); reads never execute pickled code.
+Checkpoints, run directories and prepared datasets, read and written in one place for the scripts.
+Writes are atomic (temp file, fsync, rename); reads never execute pickled code; every problem with a file
+is a UserError naming the file and what to do.
 """
 
 import errno
+import json
 import os
 import pickle
 
+import numpy as np
 import torch
 
-from configurator import die
+from configurator import UserError
 from model import GPT, GPTConfig, HUB_MODELS
+
+try:
+    import fcntl  # POSIX; on Windows out_dir is not locked
+except ImportError:
+    fcntl = None
 
 MODEL_SHAPE_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+CHECKPOINT_FILES = ('ckpt.pt', 'best.pt')
 
 
-def dataset_dir(dataset):
-    """Where a dataset's train.bin, val.bin and meta.pkl live: data/<dataset> beside the scripts, or the
-    dataset setting itself when it is a path (absolute, or containing a slash)."""
-    if os.path.isabs(dataset) or os.sep in dataset or '/' in dataset:
-        return dataset
-    return os.path.join(REPO_DIR, 'data', dataset)
-
+# ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(state, path):
     """Write state to path so that path always holds either the old or the new complete file:
     write a temp file beside it, flush it to disk, then rename it over path (atomic on POSIX and Windows)."""
     directory = os.path.dirname(path) or '.'
     if os.path.exists(directory) and not os.path.isdir(directory):
-        die(f"could not write checkpoint {path}: {directory} is a file, not a directory; choose another --out_dir")
+        raise UserError(f"could not write checkpoint {path}: {directory} is a file, not a directory; "
+                        "choose another --out_dir")
     tmp = None
     try:
         os.makedirs(directory, exist_ok=True)
@@ -46,29 +50,37 @@ def save_checkpoint(state, path):
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-    except OSError as e:
-        fix = 'free some disk space' if e.errno == errno.ENOSPC else 'check the permissions of --out_dir'
-        die(f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint, if any, is intact. "
-            f"To go on, {fix} or choose another --out_dir, then resume")
+    except Exception as e:  # OSError, or torch's RuntimeError from its zip writer: all the same to the user
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or 'write failed' in str(e)
+        fix = 'free some disk space' if full else 'check that --out_dir is writable'
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise UserError(f"could not write checkpoint {path}: {reason}; the previous checkpoint, if any, is "
+                        f"intact. To go on, {fix} or choose another --out_dir, then resume") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_checkpoint(path):
     """A checkpoint dict loaded with weights_only=True (tensors and plain values only, no code runs),
     checked for the keys every checkpoint has, with the '_orig_mod.' prefix of compiled models removed."""
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train one first (python train.py ...) or point --out_dir at the "
-            "directory that holds ckpt.pt")
+        raise UserError(f"no checkpoint at {path}; train one first (python train.py ...) or point --out_dir at "
+                        "the directory that holds ckpt.pt")
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickle with code in it...: all the same to the user
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        die(f"{path} is not a readable checkpoint (truncated, corrupt, or not written by train.py): {first_line}")
+        raise UserError(f"{path} is not a readable checkpoint (truncated, corrupt, or not written by train.py): "
+                        f"{first_line(e)}") from None
     if (not isinstance(checkpoint, dict) or not {'model', 'model_args'} <= set(checkpoint)
             or not isinstance(checkpoint['model'], dict)):
-        die(f"{path} is not a checkpoint written by train.py or nanoGPT (it lacks 'model' and 'model_args')")
+        raise UserError(f"{path} is not a checkpoint written by train.py or nanoGPT (it lacks 'model' and "
+                        "'model_args')")
     # torch.compile wraps the model and prefixes its keys, and nanoGPT on old torch saved a causal mask
     # buffer as attn.bias: neither is a weight of ours
     checkpoint['model'] = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()
@@ -81,7 +93,7 @@ def new_model(model_args, source):
     try:
         return GPT(GPTConfig(**model_args))
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:  # unknown key, impossible value
-        die(f"{source} {model_args} describe no model this model.py can build: {e}")
+        raise UserError(f"{source} {model_args} describe no model this model.py can build: {e}") from None
 
 
 def model_from_checkpoint(checkpoint, dropout=None):
@@ -92,7 +104,7 @@ def model_from_checkpoint(checkpoint, dropout=None):
     try:
         model.load_state_dict(checkpoint['model'])
     except RuntimeError as e:
-        die(f"the checkpoint's weights do not fit its model_args: {str(e).splitlines()[0]}")
+        raise UserError(f"the checkpoint's weights do not fit its model_args: {first_line(e)}") from None
     return model
 
 
@@ -101,11 +113,91 @@ def pretrained_model(name_or_path, dropout=None):
     try:
         return GPT.from_pretrained(name_or_path, None if dropout is None else {'dropout': dropout})
     except ValueError as e:
-        die(str(e))
+        raise UserError(str(e)) from None
 
 
 def is_pretrained_name(init_from):
     return init_from in HUB_MODELS or os.path.isdir(init_from)
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+def existing_checkpoints(out_dir):
+    return [name for name in CHECKPOINT_FILES if os.path.exists(os.path.join(out_dir, name))]
+
+
+def lock_out_dir(out_dir):
+    """Create out_dir if needed and hold an exclusive lock on out_dir/.lock for the life of this process, so
+    that a second run on the same out_dir stops at once. The OS releases the lock when the process dies,
+    however it dies. Returns the open lock file, which must be kept."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir {out_dir} is a file, not a directory; choose another --out_dir")
+    path = os.path.join(out_dir, '.lock')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(path, 'a+')
+    except OSError as e:
+        raise UserError(f"cannot write in out_dir {out_dir} ({e.strerror}); check its permissions or choose "
+                        "another --out_dir") from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            pid = lock.read().strip() or '?'
+            lock.close()
+            raise UserError(f"another run (pid {pid}) is using out_dir {out_dir}; wait for it to finish, stop it, "
+                            "or choose another --out_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+# ----------------------------------------------------------------------------- prepared datasets
+
+def dataset_dir(dataset):
+    """Where a dataset's train.bin, val.bin and meta.pkl live: data/<dataset> beside the scripts, or the
+    dataset setting itself when it is a path (absolute, or containing a slash)."""
+    if os.path.isabs(dataset) or os.sep in dataset or '/' in dataset:
+        return dataset
+    return os.path.join(REPO_DIR, 'data', dataset)
+
+
+def read_manifest(data_dir):
+    """The manifest.json that data/*/prepare.py writes last, after checking that the files it lists are the
+    ones it wrote; None for a dataset prepared without one (by nanoGPT, say): nothing to check it against."""
+    path = os.path.join(data_dir, 'manifest.json')
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        complete, files = manifest['complete'], dict(manifest.get('files', {}))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is unreadable ({first_line(e)}); run the dataset's prepare.py again") from None
+    if not complete:
+        raise UserError(f"the dataset in {data_dir} is incomplete: its prepare script stopped before it finished "
+                        "writing (its manifest.json says so); run the prepare script again")
+    for name, size in files.items():
+        file = os.path.join(data_dir, name)
+        actual = os.path.getsize(file) if os.path.exists(file) else None
+        if actual != size:
+            found = f"has {actual} bytes" if actual is not None else "is missing"
+            raise UserError(f"{file} {found}, but the prepare script wrote {size}: the dataset's files come from "
+                            "different runs or were changed since; run the prepare script again")
+    return manifest
+
+
+def load_tokens(data_dir, split):
+    """The uint16 token ids of data_dir/<split>.bin as a read-only memmap (it never needs to fit in memory)."""
+    path = os.path.join(data_dir, f'{split}.bin')
+    size = os.path.getsize(path)
+    if size == 0 or size % 2:
+        what = 'is empty' if size == 0 else f'has an odd number of bytes ({size})'
+        raise UserError(f"{path} {what}, so it holds no uint16 token ids; run the dataset's prepare.py again")
+    return np.memmap(path, dtype=np.uint16, mode='r')
 
 
 class PlainDataUnpickler(pickle.Unpickler):
@@ -125,7 +217,7 @@ def load_meta(data_dir):
         with open(path, 'rb') as f:
             meta = PlainDataUnpickler(f).load()
     except Exception as e:
-        die(f"{path} is not a valid meta.pkl ({e}); re-run the dataset's prepare.py")
+        raise UserError(f"{path} is not a valid meta.pkl ({e}); re-run the dataset's prepare.py") from None
     if not isinstance(meta, dict) or not {'vocab_size', 'stoi', 'itos'} <= set(meta):
-        die(f"{path} lacks vocab_size, stoi and itos; re-run the dataset's prepare.py")
+        raise UserError(f"{path} lacks vocab_size, stoi and itos; re-run the dataset's prepare.py")
     return meta

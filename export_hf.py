@@ -13,8 +13,8 @@ import tempfile
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import configure, die
+from checkpoint import first_line, load_checkpoint, model_from_checkpoint
+from configurator import UserError, configure, report_errors
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's directory
@@ -78,9 +78,8 @@ def main():
     from transformers import GPT2Config, GPT2LMHeadModel
     name = checkpoint or ('best.pt' if os.path.exists(os.path.join(out_dir, 'best.pt')) else 'ckpt.pt')
     target = export_dir or os.path.join(out_dir, 'hf')
-    if os.path.exists(target) and not os.path.isdir(target):
-        die(f"--export_dir={target} is a file, not a directory; choose another --export_dir")
     ckpt = load_checkpoint(os.path.join(out_dir, name))
+    check_writable(target)
     model = model_from_checkpoint(ckpt, dropout=0.0)
     model.eval()
     cfg = model.config
@@ -104,7 +103,10 @@ def main():
         diff = (hf_model(idx).logits - ours).abs().max().item()
     assert diff < 1e-4, f"the exported model's logits differ from the checkpoint's by {diff}"
 
-    hf_model.save_pretrained(target)
+    try:
+        hf_model.save_pretrained(target)
+    except Exception as e:  # OSError, or safetensors' own error type for a failed write
+        raise UserError(f"could not write the export to {target}: {first_line(e)}") from None
     print(f"exported {os.path.join(out_dir, name)} (iter {ckpt.get('iter_num', '?')}) to {target}"
           + (f", vocabulary trimmed from {cfg.vocab_size} to {vocab_size}" if cfg.vocab_size != vocab_size else ''))
     if not bpe:
@@ -121,6 +123,19 @@ def main():
               f"GPT2TokenizerFast.from_pretrained('gpt2').save_pretrained('{target}')\"")
 
 
+def check_writable(directory):
+    """Fail now, before any work, if directory cannot be created or written to."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UserError(f"--export_dir={directory} is a file, not a directory; choose another --export_dir")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as e:
+        raise UserError(f"cannot write to --export_dir={directory} ({e.strerror}); choose another --export_dir") \
+            from None
+
+
 if __name__ == '__main__':
+    report_errors()
     configure(globals())
     main()

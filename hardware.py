@@ -8,7 +8,7 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import die
+from configurator import UserError
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -46,24 +46,24 @@ def check_device(device, dtype):
     """The device type and the dtype a run will use ('auto' resolved; CPU and MPS run in float32), or one
     clear line, instead of an error from deep inside torch, for a device or dtype we cannot use."""
     if dtype != 'auto' and dtype not in DTYPES:
-        die(f"unknown dtype '{dtype}'; use auto or one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype '{dtype}'; use auto or one of {', '.join(DTYPES)}")
     device_type, colon, index = device.partition(':')
     if colon and not index.isdigit():
-        die(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps")
+        raise UserError(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps")
     if device_type == 'cuda':
         if not torch.cuda.is_available():
-            die(f"device '{device}' requested but CUDA is not available on this machine; use --device=cpu")
+            raise UserError(f"device '{device}' requested but CUDA is not available on this machine; use --device=cpu")
         dtype = best_dtype(device) if dtype == 'auto' else dtype
         index = int(index) if index else 0
         if index >= torch.cuda.device_count():
-            die(f"device '{device}' does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UserError(f"device '{device}' does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
         if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
-            die(f"this GPU ({torch.cuda.get_device_name(index)}) cannot do bfloat16; use --dtype=float16")
+            raise UserError(f"this GPU ({torch.cuda.get_device_name(index)}) cannot do bfloat16; use --dtype=float16")
     elif device_type == 'mps':
         if not torch.backends.mps.is_available():
-            die(f"device '{device}' requested but MPS is only available on Apple silicon Macs; use --device=cpu")
+            raise UserError(f"device '{device}' requested but MPS is only available on Apple silicon Macs; use --device=cpu")
     elif device_type != 'cpu':
-        die(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps")
+        raise UserError(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps")
     return device_type, dtype if device_type == 'cuda' else 'float32'
 
 
@@ -75,26 +75,31 @@ def autocast_context(device_type, dtype):
 
 
 def peak_flops(device, dtype):
-    """Peak FLOP/s of the device in use: looked up by GPU name, or measured with a large matmul elsewhere."""
+    """Peak FLOP/s of the device in use and where that figure comes from: the GPU's datasheet, looked up by
+    name, or elsewhere (CPUs above all) the best of a few large matmuls measured now."""
     if device.startswith('cuda'):
         name = torch.cuda.get_device_name(device)
         for gpu, peaks in GPU_PEAK_FLOPS.items():
             if gpu in name and dtype in peaks:
-                return peaks[dtype]
-    return measured_matmul_flops(device, DTYPES[dtype])
+                return peaks[dtype], f"{gpu} {dtype} datasheet peak"
+    flops = measured_matmul_flops(device, DTYPES[dtype])
+    return flops, f"measured with {dtype} matmuls at start-up"
 
 
 def measured_matmul_flops(device, dtype, n=1024, repeats=5):
-    """The FLOP/s of an n x n matmul: a practical peak for devices without a table entry (CPUs above all)."""
+    """The FLOP/s of the fastest of `repeats` n x n matmuls: the best, because on a shared machine other
+    work can only slow a matmul down, and a peak that is too low would make MFU read above 100%."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm up
-    sync(device)
-    t0 = time.perf_counter()
+    best = float('inf')
     for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
         a @ b
-    sync(device)
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
 
 
 def sync(device):

@@ -7,6 +7,8 @@ import json
 import os
 import warnings
 
+from configurator import UserError
+
 
 class MetricsLog:
     """Appends rows to a JSON-lines file. On resume, rows from beyond the checkpoint (written by the run
@@ -15,18 +17,30 @@ class MetricsLog:
     def __init__(self, path, resume_from=None, enabled=True):
         self.path = path
         self.enabled = enabled
-        if enabled and resume_from is not None and os.path.exists(path):
-            rows = read_rows(path)
-            kept = [r for r in rows if r['iter'] < resume_from or (r['iter'] == resume_from and 'val_loss' in r)]
-            with open(path, 'w') as f:
-                f.writelines(json.dumps(r) + '\n' for r in kept)
-        elif enabled and resume_from is None and os.path.exists(path):
-            os.remove(path)  # a fresh run in an old out_dir starts a fresh log
+        if not enabled:
+            return
+        try:
+            if resume_from is not None and os.path.exists(path):
+                rows = read_rows(path)
+                kept = [r for r in rows if r['iter'] < resume_from or (r['iter'] == resume_from and 'val_loss' in r)]
+                with open(path, 'w') as f:
+                    f.writelines(json.dumps(r) + '\n' for r in kept)
+            elif resume_from is None and os.path.exists(path):
+                os.remove(path)  # a fresh run starts a fresh log
+            open(path, 'a').close()  # a log that cannot be written fails now, not after the first iterations
+        except OSError as e:
+            raise UserError(f"cannot write the metrics log {path} ({e.strerror}); check the permissions of "
+                            "out_dir or choose another --out_dir") from None
 
     def log(self, **row):
+        """Append one row; values that are None (not measured yet) are left out."""
         if self.enabled:
-            with open(self.path, 'a') as f:
-                f.write(json.dumps(row) + '\n')
+            try:
+                with open(self.path, 'a') as f:
+                    f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + '\n')
+            except OSError as e:
+                raise UserError(f"could not write the metrics log {self.path} ({e.strerror}); the last checkpoint "
+                                "is intact: free some disk space or fix out_dir, then resume") from None
 
 
 def read_rows(path):
@@ -76,9 +90,16 @@ def plot_losses(log_path, png_path):
         ax.legend(lines + lines2, labels + labels2, loc='upper right')
     fig.tight_layout()
     tmp = png_path + '.tmp.png'
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, png_path)
+    except OSError as e:
+        raise UserError(f"could not write the loss plot {png_path} ({e.strerror}); the last checkpoint is "
+                        "intact: free some disk space or fix out_dir, then resume") from None
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class WandbRun:
@@ -101,7 +122,7 @@ class WandbRun:
     def log(self, step, values):
         if self.run is not None:
             try:
-                self.run.log(values, step=step)
+                self.run.log({k: v for k, v in values.items() if v is not None}, step=step)
             except Exception as e:
                 warnings.warn(f"wandb logging failed ({e}); training continues without it")
                 self.run = None

@@ -66,22 +66,26 @@ class CausalSelfAttention(nn.Module):
         # queries, keys and values of all heads from one matmul, viewed as (B, 3, nh, T, hs) without a copy
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(0, 2, 3, 1, 4)
         q, k, v = qkv.unbind(1)
-        # with a cache, a single new token attends to everything cached; a prompt starts an empty cache
-        causal = kv_cache is None or T > 1
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, qkv[:, 1:])
+        past = k.size(2) - T  # keys of earlier positions, from the cache, before the T new ones
         if self.flash:
             dropout_p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+            # SDPA's is_causal aligns its mask top-left, which is right only without a past
+            mask = causal_mask(T, past, x.device) if past and T > 1 else None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=not past)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            if causal:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                att = att.masked_fill(~mask, float('-inf'))
+            att = att.masked_fill(~causal_mask(T, past, x.device), float('-inf'))
             att = self.attn_dropout(F.softmax(att, dim=-1))
             y = att @ v
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
+
+
+def causal_mask(T, past, device):
+    """(T, past + T) booleans: the query at position past + i sees the keys at positions up to its own."""
+    return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
 
 
 class MLP(nn.Module):
@@ -297,11 +301,22 @@ HF_GELUS = {'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh', 'gelu': 'none'}
 
 def load_hf_gpt2(name_or_path):
     """transformers' GPT2LMHeadModel from a hub name or a local directory, or a one-line ValueError."""
+    import json
     import os
     from transformers import GPT2LMHeadModel
     if name_or_path not in HUB_MODELS and not os.path.isdir(name_or_path):
         raise ValueError(f"unknown model '{name_or_path}': use one of {', '.join(HUB_MODELS)} "
                          "or a local directory saved with transformers' save_pretrained")
+    config_path = os.path.join(name_or_path, 'config.json')
+    if os.path.isfile(config_path):  # a local directory: refuse another architecture before loading it
+        try:
+            with open(config_path) as f:
+                model_type = json.load(f).get('model_type')
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"{config_path} is not a readable Hugging Face config: {e}") from None
+        if model_type != 'gpt2':
+            raise ValueError(f"'{name_or_path}' holds a {model_type or 'unnamed'} model (model_type in its "
+                             "config.json), not GPT-2; only GPT-2 weights (model_type 'gpt2') can be loaded")
     try:
         return GPT2LMHeadModel.from_pretrained(name_or_path)
     except OSError as e:

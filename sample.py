@@ -13,8 +13,10 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import dataset_dir, is_pretrained_name, load_checkpoint, load_meta, model_from_checkpoint, pretrained_model
-from configurator import configure, die
+from configurator import UserError, configure, report_errors
 from hardware import autocast_context, best_device, check_device
+
+report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), a GPT-2 name ('gpt2' ... 'gpt2-xl') or a local Hugging Face directory
@@ -26,10 +28,10 @@ max_new_tokens = 500  # number of tokens generated in each sample
 temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, 0 = greedy
 top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability; 0 disables
 top_p = 1.0  # nucleus sampling: retain the likeliest tokens that add up to top_p probability; 1.0 disables
-seed = 1337
-device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'
+seed = 1337  # decides the samples drawn
+device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the best one this machine has
 dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' on CUDA; 'auto' is bfloat16 where supported, else float16
-compile = False  # use PyTorch 2.0 to compile the model to be faster
+compile = False  # torch.compile the model: faster tokens after a slow start
 # -----------------------------------------------------------------------------
 configure(globals())
 device_type, dtype = check_device(device, dtype)
@@ -48,15 +50,16 @@ if init_from == 'resume':
     dataset = ckpt.get('config', {}).get('dataset')
     meta = ckpt.get('meta') or (load_meta(dataset_dir(dataset)) if dataset else None)  # nanoGPT's lack 'meta'
     if meta is None and model.config.vocab_size < 50257:
-        die(f"the checkpoint's model has a {model.config.vocab_size}-token vocabulary but its dataset's meta.pkl "
-            f"({dataset_dir(dataset) if dataset else 'no dataset recorded'}) is missing; prepare the dataset again")
+        raise UserError(f"the checkpoint's model has a {model.config.vocab_size}-token vocabulary but its dataset's "
+                        f"meta.pkl ({dataset_dir(dataset) if dataset else 'no dataset recorded'}) is missing; "
+                        "prepare the dataset again")
     print(f"loaded {os.path.join(out_dir, name)} (iter {ckpt.get('iter_num', '?')}, "
           f"best val loss {float(ckpt.get('best_val_loss', float('nan'))):.4f})", file=sys.stderr)
 elif is_pretrained_name(init_from):
     model = pretrained_model(init_from)
 else:
-    die(f"unknown init_from '{init_from}': use resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
-        "or a local directory holding Hugging Face GPT-2 weights")
+    raise UserError(f"unknown init_from '{init_from}': use resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+                    "or a local directory holding Hugging Face GPT-2 weights")
 model.eval()
 model.to(device)
 if compile:
@@ -70,7 +73,7 @@ if meta is not None:
     def encode(s):
         unknown = sorted(set(s) - set(stoi))
         if unknown:
-            die(f"the prompt contains characters the model has never seen: {''.join(unknown)!r}")
+            raise UserError(f"the prompt contains characters the model has never seen: {''.join(unknown)!r}")
         return [stoi[c] for c in s]
 
     def decode(ids):
@@ -80,8 +83,8 @@ else:
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:
-        die(f"could not load tiktoken's GPT-2 encoding ({type(e).__name__}); it is downloaded on first use, or "
-            "point TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cache")
+        raise UserError(f"could not load tiktoken's GPT-2 encoding ({type(e).__name__}); it is downloaded on first "
+                        "use, or point TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cache") from None
     stop_token = enc.eot_token  # a BPE model marks the end of a document with <|endoftext|>
 
     def encode(s):
@@ -96,10 +99,10 @@ if start.startswith('FILE:'):
         with open(start[5:], 'r', encoding='utf-8') as f:
             start = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        die(f"could not read the prompt file '{start[5:]}': {getattr(e, 'strerror', None) or e}")
+        raise UserError(f"could not read the prompt file '{start[5:]}': {getattr(e, 'strerror', None) or e}") from None
 start_ids = encode(start)
 if not start_ids:
-    die("the prompt is empty; give at least one token with --start=...")
+    raise UserError("the prompt is empty; give at least one token with --start=...")
 if len(start_ids) > model.config.block_size:
     print(f"note: the prompt has {len(start_ids)} tokens, more than the model's context of "
           f"{model.config.block_size}; only its last {model.config.block_size} tokens are seen", file=sys.stderr)
@@ -118,23 +121,42 @@ def stream(next_tokens):
         printed = text
 
 
-# run generation
-printed, generated = '', []
-with torch.no_grad(), ctx:
+def cut_at_stop(tokens):
+    return tokens[:tokens.index(stop_token)] if stop_token in tokens else tokens
+
+
+# run generation; Ctrl-C stops it, and what was generated until then is printed all the same
+printed, generated = '', []  # the streamed sample
+steps = []  # each step's new tokens, (num_samples, 1)
+interrupted = False
+# with several samples, a progress bar on stderr while the batch is generated; none when stderr is not a terminal
+bar = tqdm(total=max_new_tokens, desc='generating', unit='tok', file=sys.stderr, disable=True if num_samples == 1 else None)
+
+
+def on_token(next_tokens):
+    steps.append(next_tokens)
     if num_samples == 1:
-        print(start, end='', flush=True)
+        stream(next_tokens)
+    bar.update()
+
+
+if num_samples == 1:
+    print(start, end='', flush=True)
+try:
+    with torch.no_grad(), ctx:
         model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                       stop_token=stop_token, on_token=stream)
-        print(decode(generated)[len(printed):])
+                       stop_token=stop_token, on_token=on_token)
+except KeyboardInterrupt:
+    interrupted = True
+bar.close()
+if num_samples == 1:
+    print(decode(generated)[len(printed):])
+    print('---------------')
+else:
+    rows = torch.cat(steps, dim=1).tolist() if steps else [[]] * num_samples
+    for tokens in rows:
+        print(start + decode(cut_at_stop(tokens)))
         print('---------------')
-    else:
-        # a progress bar on stderr while the batch is generated; none when stderr is not a terminal
-        with tqdm(total=max_new_tokens, desc='generating', unit='tok', file=sys.stderr, disable=None) as bar:
-            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                               stop_token=stop_token, on_token=lambda _: bar.update())
-        for row in y.tolist():
-            tokens = row[len(start_ids):]
-            if stop_token is not None and stop_token in tokens:
-                tokens = tokens[:tokens.index(stop_token)]
-            print(start + decode(tokens))
-            print('---------------')
+if interrupted:
+    print(f"interrupted after {len(steps)} of {max_new_tokens} new tokens", file=sys.stderr)
+    sys.exit(130)

@@ -35,43 +35,47 @@ import torch.distributed as dist
 from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (MODEL_SHAPE_KEYS, dataset_dir, is_pretrained_name, load_checkpoint, load_meta,
-                        model_from_checkpoint, new_model, pretrained_model, save_checkpoint)
-from configurator import configure, die, settings_of
+from checkpoint import (MODEL_SHAPE_KEYS, dataset_dir, existing_checkpoints, is_pretrained_name, load_checkpoint,
+                        load_meta, load_tokens, lock_out_dir, model_from_checkpoint, new_model, pretrained_model,
+                        read_manifest, save_checkpoint)
+from configurator import UserError, check_settings, configure, report_errors, settings_of
 from hardware import autocast_context, best_device, check_device, peak_flops as device_peak_flops
 from metrics import MetricsLog, WandbRun, plot_losses
+
+report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a gpt2 (124M) on OpenWebText
 # I/O
-out_dir = 'out'
-eval_interval = 2000
-log_interval = 1
-eval_iters = 200
+out_dir = 'out'  # where checkpoints, log.jsonl and loss.png go
+eval_interval = 2000  # evaluate (and save a checkpoint) every this many iterations
+log_interval = 1  # print the training loss every this many iterations
+eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if False, ckpt.pt is only rewritten when val improves (best.pt always holds the best)
 init_from = 'scratch'  # 'scratch', 'resume', a GPT-2 name ('gpt2' ... 'gpt2-xl') or a local Hugging Face directory
+start_over = False  # True lets a scratch or GPT-2 start delete the checkpoints of an earlier run in out_dir
 # wandb logging
 wandb_log = False  # disabled by default
-wandb_project = 'owt'
-wandb_run_name = 'gpt2'
+wandb_project = 'owt'  # the Weights & Biases project
+wandb_run_name = 'gpt2'  # and run name
 # data
 dataset = 'openwebtext'  # a folder under data/, or a path to a folder holding train.bin and val.bin
 gradient_accumulation_steps = 5 * 8  # used to simulate larger batch sizes; global, split over the processes
 batch_size = 12  # if gradient_accumulation_steps > 1, this is the micro-batch size
-block_size = 1024
+block_size = 1024  # context length in tokens
 # model
-n_layer = 12
-n_head = 12
-n_embd = 768
+n_layer = 12  # transformer blocks
+n_head = 12  # attention heads per block
+n_embd = 768  # width of the residual stream
 dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
 bias = False  # do we use bias inside LayerNorm and Linear layers?
 # adamw optimizer
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
-weight_decay = 1e-1
-beta1 = 0.9
-beta2 = 0.95
+weight_decay = 1e-1  # AdamW's decoupled weight decay, on matrices and embeddings only
+beta1 = 0.9  # AdamW's momentum
+beta2 = 0.95  # AdamW's second-moment decay
 grad_clip = 1.0  # clip gradients at this value, or disable if == 0.0
 # learning rate decay settings
 decay_lr = True  # whether to decay the learning rate
@@ -83,25 +87,28 @@ backend = ''  # '' picks nccl on CUDA and gloo on CPU; or 'nccl', 'gloo'
 # system
 device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the best one this machine has
 dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' on CUDA; 'auto' is bfloat16 where supported, else float16
-compile = device == 'cuda'  # torch.compile pays off on GPUs; on CPUs its start-up cost outweighs the gain
-seed = 1337
+compile = True  # torch.compile; unless set, on for CUDA only: on CPUs its start-up cost outweighs the gain
+seed = 1337  # decides the initial weights, every batch and every dropout mask
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks the GPU up by name, or measures a CPU
 # -----------------------------------------------------------------------------
 config_keys = settings_of(globals())
-user_keys = configure(globals())  # overrides from the command line or config files
+user_keys = configure(globals())  # overrides from the command line or config files, checked
+if 'compile' not in user_keys:
+    compile = device.startswith('cuda')
 checkpoint = None
 if init_from == 'resume':
     # a resumed run continues with its saved settings; what is given now (e.g. a larger max_iters) wins,
     # except the machine-specific ones, which are always this run's
     checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-    machine_keys = {'out_dir', 'init_from', 'device', 'dtype', 'compile', 'backend', 'peak_flops'}
+    machine_keys = {'out_dir', 'init_from', 'start_over', 'device', 'dtype', 'compile', 'backend', 'peak_flops'}
     for k, v in checkpoint.get('config', {}).items():
         if k in config_keys and k not in user_keys and k not in machine_keys and type(v) is type(globals()[k]):
             globals()[k] = v
+    check_settings(globals())  # what is given now must fit what was saved (e.g. warmup before decay)
     for k in MODEL_SHAPE_KEYS:
         if k in user_keys and globals().get(k) != checkpoint['model_args'][k]:
-            die(f"{k}={globals()[k]} contradicts the checkpoint's {k}={checkpoint['model_args'][k]}; "
-                f"a resumed model keeps its shape, so drop --{k}")
+            raise UserError(f"{k}={globals()[k]} contradicts the checkpoint's {k}={checkpoint['model_args'][k]}; "
+                            f"a resumed model keeps its shape, so drop --{k}")
 config = {k: globals()[k] for k in config_keys}  # will be useful for logging and checkpoints
 # -----------------------------------------------------------------------------
 
@@ -113,14 +120,25 @@ if ddp:
     ddp_world_size = int(os.environ['WORLD_SIZE'])
     if gradient_accumulation_steps % ddp_world_size != 0:  # checked on every rank before any collective: no hang
         valid = [n for n in range(ddp_world_size, 8 * ddp_world_size + 1, ddp_world_size)]
-        die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of "
-            f"processes ({ddp_world_size}); e.g. use one of {valid}")
+        raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
+                        f"number of processes ({ddp_world_size}); e.g. use one of {valid}")
     if device.startswith('cuda'):
         device = f'cuda:{ddp_local_rank}'
 else:
     ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
 master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
 device_type, dtype = check_device(device, dtype)
+if master_process and not eval_only:
+    # one run per out_dir, and an earlier run's checkpoints are never replaced by a new start by accident
+    out_dir_lock = lock_out_dir(out_dir)  # held until this process ends
+    earlier = existing_checkpoints(out_dir)
+    if earlier and init_from != 'resume':
+        if not start_over:
+            raise UserError(f"{out_dir} holds {' and '.join(earlier)} of an earlier run; continue it with "
+                            "--init_from=resume, use another --out_dir, or delete it and start over with "
+                            "--start_over=True")
+        for name in earlier:
+            os.remove(os.path.join(out_dir, name))
 if ddp:
     if device_type == 'cuda':
         torch.cuda.set_device(device)
@@ -140,22 +158,23 @@ missing = [f'{split}.bin' for split in ('train', 'val') if not os.path.exists(os
 if missing:
     prepare_script = os.path.join(data_dir, 'prepare.py')
     if not os.path.exists(prepare_script):
-        die(f"no {' or '.join(missing)} in {data_dir}; make them with a prepare script, e.g. python "
-            "data/openwebtext/prepare.py --dataset=YOUR_TEXT_FOLDER --out_dir=data/NAME, then --dataset=NAME")
+        raise UserError(f"no {' or '.join(missing)} in {data_dir}; make them with a prepare script, e.g. python "
+                        "data/openwebtext/prepare.py --dataset=YOUR_TEXT_FOLDER --out_dir=data/NAME, then "
+                        "--dataset=NAME")
     if os.path.basename(data_dir) not in ('shakespeare_char', 'shakespeare'):
-        die(f"no {' or '.join(missing)} in {data_dir}; prepare the dataset first: python {prepare_script}")
+        raise UserError(f"no {' or '.join(missing)} in {data_dir}; prepare the dataset first: python {prepare_script}")
     if ddp_local_rank == 0:  # small datasets are prepared on the spot, once per node
         print(f"dataset '{dataset}' is not prepared yet; running {prepare_script}", flush=True)
         if subprocess.run([sys.executable, prepare_script]).returncode != 0:
-            die(f"{prepare_script} failed; see its message above")
+            raise UserError(f"{prepare_script} failed; see its message above")
     if ddp:
         dist.barrier()
-train_data = np.memmap(os.path.join(data_dir, 'train.bin'), dtype=np.uint16, mode='r')
-val_data = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
+manifest = read_manifest(data_dir)  # None for a dataset prepared elsewhere (by nanoGPT, say)
+train_data, val_data = load_tokens(data_dir, 'train'), load_tokens(data_dir, 'val')
 for split, data in (('train', train_data), ('val', val_data)):
     if len(data) <= block_size:
-        die(f"the {split} split of '{dataset}' has {len(data)} tokens, too few for block_size={block_size}; "
-            "use a smaller --block_size or more data")
+        raise UserError(f"the {split} split of '{dataset}' has {len(data)} tokens, too few for "
+                        f"block_size={block_size}; use a smaller --block_size or more data")
 offsets = np.arange(block_size + 1)
 
 
@@ -163,7 +182,12 @@ def get_batch(split, key):
     """batch_size random windows of the split, drawn from a generator seeded with key."""
     data = train_data if split == 'train' else val_data
     ix = np.random.default_rng(key).integers(len(data) - block_size, size=batch_size)
-    windows = torch.from_numpy(data[ix[:, None] + offsets].astype(np.int64))  # one gather from the memmap
+    tokens = data[ix[:, None] + offsets]  # one gather from the memmap
+    if tokens.max() >= model_args['vocab_size']:  # cheap, and an id past the embedding table is no IndexError
+        raise UserError(f"{split}.bin of '{dataset}' holds token id {tokens.max()}, beyond the model's vocabulary "
+                        f"of {model_args['vocab_size']}: it was prepared with another tokenizer than the model's; "
+                        "prepare it again, or train from scratch on it")
+    windows = torch.from_numpy(tokens.astype(np.int64))
     x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
     if device_type == 'cuda':
         # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
@@ -176,11 +200,18 @@ def train_key(step, micro_step):
     return [seed, 0, step, micro_step]
 
 
+def dropout_seed(step, micro_step):
+    """The seed of a micro-batch's dropout masks: like its examples, a function of (seed, step, micro-batch)
+    only, so a resumed run, or a run on another number of processes, draws the same masks."""
+    return int(np.random.SeedSequence([seed, 3, step, micro_step]).generate_state(1)[0])
+
+
 # attempt to derive vocab_size from the dataset
 meta = load_meta(data_dir)
 meta_vocab_size = meta['vocab_size'] if meta else None
 if meta and master_process:
     print(f"found vocab_size = {meta_vocab_size} (inside {os.path.join(data_dir, 'meta.pkl')})")
+data_vocab_size = manifest['vocab_size'] if manifest else meta_vocab_size  # the tokenizer's, if recorded
 
 # model init
 torch.manual_seed(seed)  # the same initial weights on every process and in every run with this seed
@@ -203,15 +234,15 @@ elif is_pretrained_name(init_from):
         print(f"Initializing from GPT-2 weights: {init_from}")
     model = pretrained_model(init_from, dropout=dropout)
 else:
-    die(f"unknown init_from '{init_from}': use scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
-        "or a local directory holding Hugging Face GPT-2 weights")
+    raise UserError(f"unknown init_from '{init_from}': use scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+                    "or a local directory holding Hugging Face GPT-2 weights")
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # e.g. GPT-2's 1024 cropped to a shorter context for finetuning
 if block_size > model.config.block_size:
-    die(f"block_size={block_size} is larger than the model's {model.config.block_size}")
-if meta_vocab_size and meta_vocab_size > model.config.vocab_size:
-    die(f"dataset '{dataset}' has {meta_vocab_size} tokens in its vocabulary, more than the model's "
-        f"{model.config.vocab_size}; train from scratch on it instead")
+    raise UserError(f"block_size={block_size} is larger than the model's {model.config.block_size}")
+if data_vocab_size and data_vocab_size > model.config.vocab_size:
+    raise UserError(f"dataset '{dataset}' has {data_vocab_size} tokens in its vocabulary, more than the model's "
+                    f"{model.config.vocab_size}; train from scratch on it instead")
 model_args = asdict(model.config)  # all of GPTConfig: sample.py and resume rebuild the same model
 model.to(device)
 
@@ -219,10 +250,14 @@ model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
+    group_settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
     optimizer.load_state_dict(checkpoint['optimizer'])
+    for group, settings in zip(optimizer.param_groups, group_settings):
+        group.update(settings)  # the state is restored, the settings (weight_decay, betas...) are this run's
     if 'scaler' in checkpoint:
         scaler.load_state_dict(checkpoint['scaler'])
 resumed_at = iter_num if init_from == 'resume' else None  # its evaluation happened before the checkpoint
+saved_at = resumed_at  # the iteration that ckpt.pt holds
 
 if compile:
     if master_process:
@@ -258,7 +293,7 @@ def get_lr(it):
     """Learning rate: linear warmup, then cosine decay down to min_lr at lr_decay_iters."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
+    if it >= lr_decay_iters:
         return min_lr
     decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
@@ -283,7 +318,10 @@ def request_stop(signum, frame):
     # a second Ctrl-C means now (not under torchrun, which passes each signal on: workers see it twice)
     if stop_signal is not None and not ddp:
         sys.exit(128 + signum)  # the last complete checkpoint stays intact
-    stop_signal = signal.Signals(signum).name  # no printing here: the handler may interrupt a print
+    stop_signal = signal.Signals(signum).name
+    if master_process:  # said at once, even during a long evaluation; os.write, as the handler may interrupt a print
+        again = '' if ddp else '; press Ctrl-C again to quit at once without saving'
+        os.write(2, f"\n{stop_signal}: stopping after this step and saving a checkpoint{again}\n".encode())
 
 
 signal.signal(signal.SIGINT, request_stop)
@@ -304,24 +342,24 @@ def nonfinite_loss_error(value, where):
             "Usual fixes: a lower learning_rate, dtype=bfloat16 instead of float16, or grad_clip=1.0")
 
 
+peak, peak_source = (peak_flops, "--peak_flops") if peak_flops else device_peak_flops(device, dtype)
 if master_process:
-    os.makedirs(out_dir, exist_ok=True)
     n_params = raw_model.get_num_params()
     print(f"run: device {device} x {ddp_world_size} process(es), dtype {dtype}, "
           f"compile {'on' if compile else 'off'}, {n_params / 1e6:.2f}M parameters, "
-          f"{tokens_per_iter:,} tokens per iteration, checkpoints in {os.path.abspath(out_dir)}")
+          f"{tokens_per_iter:,} tokens per iteration, checkpoints in {os.path.abspath(out_dir)}; "
+          f"mfu against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
 metrics = MetricsLog(os.path.join(out_dir, 'log.jsonl'), resume_from=resumed_at,
                      enabled=master_process and not eval_only)
 wandb_run = WandbRun(wandb_log and master_process, wandb_project, wandb_run_name, config,
                      checkpoint.get('wandb_run_id') if checkpoint else None)
 checkpoint = None  # free up memory
-peak = peak_flops or device_peak_flops(device, dtype)
 
 # training loop
 X, Y = get_batch('train', train_key(iter_num, ddp_rank * micro_steps))  # fetch the very first batch
 t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
-running_mfu = -1.0
+running_mfu = None  # model FLOPs utilization, measured once the loop has settled
 while True:
     # determine and set the learning rate for this iteration
     lr = get_lr(iter_num) if decay_lr else learning_rate
@@ -332,11 +370,11 @@ while True:
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at or eval_only:
         losses = estimate_loss()
         if not all(math.isfinite(v) for v in losses.values()):
-            die(nonfinite_loss_error(losses, 'evaluation loss'))
+            raise UserError(nonfinite_loss_error(losses, 'evaluation loss'))
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             metrics.log(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr)
-            wandb_run.log(iter_num, {'val/loss': losses['val'], 'train/eval_loss': losses['train'], 'mfu': running_mfu * 100})
+            wandb_run.log(iter_num, {'val/loss': losses['val'], 'train/eval_loss': losses['train']})
         improved = losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
         if master_process and iter_num > 0 and not eval_only:
@@ -345,30 +383,30 @@ while True:
             if improved or always_save_checkpoint:
                 print(f"saving checkpoint to {out_dir}")
                 save_checkpoint(checkpoint_state(), os.path.join(out_dir, 'ckpt.pt'))
+                saved_at = iter_num
             plot_losses(metrics.path, os.path.join(out_dir, 'loss.png'))
     if eval_only:
         break
     if iter_num >= max_iters or should_stop():
         if local_iter_num > 0 and not math.isfinite(lossf := loss_sum.item()):
-            die(nonfinite_loss_error(lossf, 'training loss'))
-        saved_at_eval = iter_num % eval_interval == 0 or iter_num == max_iters
-        if master_process and iter_num != resumed_at and not (saved_at_eval and always_save_checkpoint):
+            raise UserError(nonfinite_loss_error(lossf, 'training loss'))
+        if master_process and local_iter_num > 0 and saved_at != iter_num:
             save_checkpoint(checkpoint_state(), os.path.join(out_dir, 'ckpt.pt'))
+            saved_at = iter_num
             plot_losses(metrics.path, os.path.join(out_dir, 'loss.png'))
-        if stop_signal is not None or iter_num < max_iters:
-            if master_process:
-                print(f"stopped by {stop_signal or 'another process'} at iter {iter_num}; checkpoint saved in "
-                      f"{out_dir}/ckpt.pt. Resume with the same command plus --init_from=resume")
+        if master_process and iter_num < max_iters:
+            saved = (f"checkpoint saved in {os.path.join(out_dir, 'ckpt.pt')}. Resume with the same command plus "
+                     "--init_from=resume") if saved_at == iter_num else "nothing was trained, so nothing was saved"
+            print(f"stopped by {stop_signal or 'another process'} at iter {iter_num}; {saved}")
         break
 
-    # dropout masks depend on (seed, step, process) only, so a resumed run draws the same ones
-    torch.manual_seed(seed + 1_000_003 * iter_num + ddp_rank)
     loss_sum = torch.zeros((), device=device)
     # forward backward update, with optional gradient accumulation to simulate larger batch size
     for micro_step in range(micro_steps):
         if ddp:
             # only sync gradients at the last micro step, instead of after every one
             train_model.require_backward_grad_sync = (micro_step == micro_steps - 1)
+        torch.manual_seed(dropout_seed(iter_num, ddp_rank * micro_steps + micro_step))
         with ctx:
             _, loss = train_model(X, Y)
             loss = loss / micro_steps  # scale the loss to account for gradient accumulation
@@ -393,14 +431,16 @@ while True:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         lossf = loss_sum.item()  # the mean over all micro-batches of the step; a CPU-GPU sync point
         if not math.isfinite(lossf):
-            die(nonfinite_loss_error(lossf, 'training loss'))
+            raise UserError(nonfinite_loss_error(lossf, 'training loss'))
         if local_iter_num >= 5:  # let the training loop settle a bit
             mfu = raw_model.estimate_mfu(tokens_per_iter / ddp_world_size, dt, peak)
-            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+            running_mfu = mfu if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu
         if master_process:
-            print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {running_mfu * 100:.2f}%")
-            metrics.log(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, mfu=running_mfu * 100)
-            wandb_run.log(iter_num, {'train/loss': lossf, 'lr': lr})
+            mfu_percent = None if running_mfu is None else running_mfu * 100
+            mfu_shown = '' if mfu_percent is None else f", mfu {mfu_percent:.2f}%"
+            print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms{mfu_shown}")
+            metrics.log(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, mfu=mfu_percent)
+            wandb_run.log(iter_num, {'train/loss': lossf, 'lr': lr, 'mfu': mfu_percent})
     iter_num += 1
     local_iter_num += 1
 

@@ -1,10 +1,16 @@
 """
-Helpers shared by the data/*/prepare.py scripts: getting the input text (download or --input),
-loading the GPT-2 BPE, and writing token files so that a crash never leaves a half-written one
-under its final name. Every user-facing failure is one line on stderr starting with 'error:'.
+Helpers shared by the data/*/prepare.py scripts: their common arguments, getting the input text (download
+or --input), loading the GPT-2 BPE, and publishing a dataset's files so that train.py never reads a mix of
+two preparations. Every user-facing failure is one line on stderr starting with 'error:'; Ctrl-C stops a
+script without a traceback and without leaving temporary files.
+
+Publishing: begin_dataset() marks the folder's manifest.json incomplete before the first file is written;
+finish_dataset() records the files' sizes and the tokenizer's vocabulary size in it once all are written.
+train.py (checkpoint.read_manifest) refuses an incomplete dataset, or files whose sizes changed since.
 """
 import argparse
 import http.client
+import json
 import os
 import pickle
 import sys
@@ -14,11 +20,28 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-TINY_SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, for configurator
+from configurator import UserError, report_errors  # noqa: F401 (report_errors: for the scripts)
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+TINY_SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+SHAKESPEARE_DIRS = ('shakespeare_char', 'shakespeare')  # both read the same downloaded input.txt
+DATASET_FILES = ('train.bin', 'val.bin', 'meta.pkl')
+
+
+def text_arguments(script_dir, description):
+    """--input, --out_dir and --val_fraction of the scripts that prepare one text file."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--input', help="UTF-8 text file to prepare instead of tiny Shakespeare's input.txt "
+                                        f"(default: downloaded from {TINY_SHAKESPEARE_URL})")
+    parser.add_argument('--out_dir', default=script_dir, help="where to write the dataset (default: this folder); "
+                                                              "train with --dataset=DIR")
+    parser.add_argument('--val_fraction', type=float, default=0.1, help="share of the text, at its end, held out "
+                                                                        "as the val split (default 0.1)")
+    args = parser.parse_args()
+    if not 0 < args.val_fraction < 1:
+        raise UserError(f"--val_fraction={args.val_fraction} must be above 0 and below 1")
+    return args
+
 
 def download(url, path):
     # stream into a temp file beside the target and rename at the end, so a failed
@@ -33,51 +56,59 @@ def download(url, path):
                     bar.update(len(chunk))
         os.replace(tmp_path, path)
     except (OSError, http.client.HTTPException) as e:
-        fail(f"could not download {url} ({e}); download it by hand and save it as {path}")
+        raise UserError(f"could not download {url} ({e}); download it by hand and save it as {path}") from None
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
 
+
 def read_text(path):
     if not os.path.isfile(path):
-        fail(f"input file {path} does not exist")
+        raise UserError(f"input file {path} does not exist")
     with open(path, 'rb') as f:
         raw = f.read()
     try:
         text = raw.decode('utf-8')
     except UnicodeDecodeError as e:
-        fail(f"{path} is not UTF-8 text (bad byte at offset {e.start})")
+        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from None
     if not text:
-        fail(f"{path} is empty")
+        raise UserError(f"{path} is empty")
     return text
 
-def load_input_text(script_dir, url=TINY_SHAKESPEARE_URL):
-    """The text named by --input=PATH, else input.txt next to the script, downloaded from url if missing."""
-    parser = argparse.ArgumentParser(description="prepare train.bin and val.bin from a text file")
-    parser.add_argument('--input', help=f"UTF-8 text file to use instead of input.txt (default: downloaded from {url})")
-    args = parser.parse_args()
+
+def load_input_text(args, script_dir, url=TINY_SHAKESPEARE_URL):
+    """The text named by --input, else tiny Shakespeare: the input.txt of either Shakespeare folder, or
+    downloaded from url into this script's folder when neither has one."""
     if args.input is not None:
         return read_text(args.input)
+    data_dir = os.path.dirname(script_dir)
+    for name in (os.path.basename(script_dir),) + SHAKESPEARE_DIRS:
+        path = os.path.join(data_dir, name, 'input.txt')
+        if os.path.exists(path):
+            return read_text(path)
     path = os.path.join(script_dir, 'input.txt')
-    if not os.path.exists(path):
-        download(url, path)
+    download(url, path)
     return read_text(path)
 
-def split_text(text):
-    # first 90% of the characters for training, the rest for validation
+
+def split_text(text, val_fraction):
+    # the first characters for training, the last val_fraction of them for validation
     n = len(text)
-    train_text, val_text = text[:int(n * 0.9)], text[int(n * 0.9):]
+    cut = int(n * (1 - val_fraction))
+    train_text, val_text = text[:cut], text[cut:]
     if not train_text or not val_text:
-        fail(f"the input has only {n} character(s); it needs at least 2 to make a train and a val split")
+        raise UserError(f"the input has only {n} character(s); it needs at least 2 to make a train and a val split")
     return train_text, val_text
+
 
 def gpt2_encoding():
     import tiktoken
     try:
         return tiktoken.get_encoding('gpt2')
     except Exception as e:  # network errors from requests, blocked downloads, corrupt cache: all one message
-        fail(f"tiktoken could not load its gpt2 BPE files ({type(e).__name__}); connect to the internet once, "
-             f"or set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache of them")
+        raise UserError(f"tiktoken could not load its gpt2 BPE files ({type(e).__name__}); connect to the internet "
+                        "once, or set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache of them") from None
+
 
 def write_atomic(path, write):
     # write under a temp name and rename, so the final name only ever holds a complete file
@@ -86,12 +117,40 @@ def write_atomic(path, write):
         with open(tmp_path, 'wb') as f:
             write(f)
         os.replace(tmp_path, path)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror}); check the permissions and free space of "
+                        f"{os.path.dirname(path) or '.'}") from None
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
 
+
 def write_tokens(path, ids):
     write_atomic(path, np.asarray(ids, dtype=np.uint16).tofile)
 
+
 def write_pickle(path, obj):
     write_atomic(path, lambda f: pickle.dump(obj, f))
+
+
+def write_manifest(out_dir, manifest):
+    write_atomic(os.path.join(out_dir, 'manifest.json'), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+
+def begin_dataset(out_dir, files):
+    """Before writing files (names in out_dir): mark the dataset incomplete and remove the files of an earlier
+    preparation that this one does not write (a meta.pkl, say), so no mix of the two can be read."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out_dir={out_dir} ({e.strerror})") from None
+    write_manifest(out_dir, {'complete': False})
+    for name in set(DATASET_FILES) - set(files):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
+def finish_dataset(out_dir, files, vocab_size):
+    """After all files are written: record their sizes and the tokenizer's vocabulary size."""
+    sizes = {name: os.path.getsize(os.path.join(out_dir, name)) for name in files}
+    write_manifest(out_dir, {'complete': True, 'vocab_size': vocab_size, 'files': sizes})

@@ -55,17 +55,24 @@ def eval_losses(stdout):
             for n, a, b in re.findall(r'^step (\d+): train loss ([\d.]+), val loss ([\d.]+)', stdout, re.M)}
 
 
+def install_prepare_script(root, name):
+    """A copy of data/<name>/prepare.py under root, laid out as in the repository with the modules it imports,
+    so that it writes (and downloads) there by default; returns its path."""
+    for path in (os.path.join('data', name, 'prepare.py'), os.path.join('data', 'prepare_utils.py'), 'configurator.py'):
+        os.makedirs(os.path.dirname(os.path.join(root, path)), exist_ok=True)
+        shutil.copy(os.path.join(REPO_ROOT, path), os.path.join(root, path))
+    return os.path.join(root, 'data', name, 'prepare.py')
+
+
 def prepare_char_dataset(root, text):
-    """Run the real data/shakespeare_char/prepare.py (copied under root) on text; returns the dataset dir."""
+    """Run the real data/shakespeare_char/prepare.py on text, writing into root/data/shakespeare_char; returns
+    that dataset dir."""
     data_dir = os.path.join(root, 'data', 'shakespeare_char')
-    os.makedirs(data_dir, exist_ok=True)
-    shutil.copy(os.path.join(REPO_ROOT, 'data', 'shakespeare_char', 'prepare.py'), data_dir)
-    shutil.copy(os.path.join(REPO_ROOT, 'data', 'prepare_utils.py'), os.path.join(root, 'data'))
     input_path = os.path.join(root, 'input_text.txt')
     with open(input_path, 'w', encoding='utf-8') as f:
         f.write(text)
-    subprocess.run([sys.executable, os.path.join(data_dir, 'prepare.py'), f'--input={input_path}'],
-                   check=True, capture_output=True, env=script_env())
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'data', 'shakespeare_char', 'prepare.py'),
+                    f'--input={input_path}', f'--out_dir={data_dir}'], check=True, capture_output=True, env=script_env())
     return data_dir
 
 

@@ -80,15 +80,16 @@ def test_unknown_mode_fails_with_one_line():
 def test_peak_flops_looks_up_the_gpu_in_use_by_name_and_dtype(monkeypatch, name, dtype, expected):
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
     monkeypatch.setattr(hardware, 'measured_matmul_flops', lambda *a, **k: pytest.fail('should use the table'))
-    assert hardware.peak_flops('cuda', dtype) == expected
+    flops, source = hardware.peak_flops('cuda', dtype)
+    assert flops == expected and 'datasheet' in source and dtype in source
 
 
 def test_peak_flops_of_an_unknown_gpu_or_dtype_is_measured(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Some Future GPU')
     monkeypatch.setattr(hardware, 'measured_matmul_flops', lambda device, dtype: 123.0)
-    assert hardware.peak_flops('cuda', 'bfloat16') == 123.0
+    assert hardware.peak_flops('cuda', 'bfloat16') == (123.0, 'measured with bfloat16 matmuls at start-up')
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Tesla V100-SXM2-16GB')
-    assert hardware.peak_flops('cuda', 'bfloat16') == 123.0  # no bfloat16 on a V100: not in its row
+    assert hardware.peak_flops('cuda', 'bfloat16')[0] == 123.0  # no bfloat16 on a V100: not in its row
 
 
 def test_measured_cpu_peak_is_the_flops_of_a_matmul():

@@ -1,14 +1,19 @@
 """Tests of checkpoint.py: atomic checkpoint writes, clear one-line refusals of files that are not
 checkpoints, and loading that never runs code hidden in a pickle (ckpt.pt or meta.pkl)."""
 
+import json
 import os
 import pickle
 import random
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import checkpoint
+from configurator import UserError
 from model import GPT, GPTConfig
 
 MODEL_ARGS = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True, vocab_size=20, dropout=0.0)
@@ -31,15 +36,14 @@ def assert_same_checkpoint(loaded, expected):
 
 
 def expect_die(capsys, call, *args):
-    """call(*args) must stop with a non-zero exit and exactly one 'error:' line on stderr; returns it."""
+    """call(*args) must raise a UserError with a one-line message and print nothing; returns the message."""
     capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(UserError) as info:
         call(*args)
-    assert info.value.code not in (0, None)
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith('error:')
-    return lines[0]
+    message = str(info.value)
+    assert '\n' not in message and message, message
+    assert capsys.readouterr() == ('', '')
+    return message
 
 
 # ----------------------------------------------------------------------------- saving
@@ -93,6 +97,33 @@ def test_crash_mid_write_keeps_previous_checkpoint_and_leaves_no_temp_file(tmp_p
     assert os.listdir(tmp_path) == ['ckpt.pt']  # no temp file left behind
     assert open(path, 'rb').read() == old_bytes
     assert_same_checkpoint(checkpoint.load_checkpoint(path), old)
+
+
+def test_a_write_error_of_any_type_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    # torch's zip writer reports a failed write as a RuntimeError, not an OSError
+    path = str(tmp_path / 'ckpt.pt')
+    checkpoint.save_checkpoint(a_checkpoint(), path)
+    old_bytes = open(path, 'rb').read()
+
+    def zip_writer_fails(obj, f, *args, **kwargs):
+        f.write(b'PK\x03\x04 partial')
+        raise RuntimeError('[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nmore detail')
+
+    monkeypatch.setattr(checkpoint.torch, 'save', zip_writer_fails)
+    line = expect_die(capsys, checkpoint.save_checkpoint, a_checkpoint(seed=1), path)
+    assert path in line and 'inline_container' in line and 'intact' in line
+    assert os.listdir(tmp_path) == ['ckpt.pt'] and open(path, 'rb').read() == old_bytes
+
+
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason="needs Linux's /dev/full, a device that is always full")
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys):
+    path = str(tmp_path / 'ckpt.pt')
+    checkpoint.save_checkpoint(a_checkpoint(), path)
+    old_bytes = open(path, 'rb').read()
+    os.symlink('/dev/full', tmp_path / '.ckpt.pt.tmp')  # the temporary file's writes land on a full device
+    line = expect_die(capsys, checkpoint.save_checkpoint, a_checkpoint(seed=1), path)
+    assert 'No space left on device' in line and 'free some disk space' in line
+    assert os.listdir(tmp_path) == ['ckpt.pt'] and open(path, 'rb').read() == old_bytes
 
 
 def test_save_under_a_regular_file_stops_with_clear_message(tmp_path, capsys):
@@ -242,3 +273,91 @@ def test_load_meta_refuses_invalid_meta(tmp_path, capsys, content):
     (tmp_path / 'meta.pkl').write_bytes(content)
     line = expect_die(capsys, checkpoint.load_meta, str(tmp_path))
     assert 'meta.pkl' in line
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+def test_out_dir_lock_refuses_a_second_holder_and_names_the_first(tmp_path, capsys):
+    out_dir = str(tmp_path / 'out')
+    first = checkpoint.lock_out_dir(out_dir)
+    try:
+        line = expect_die(capsys, checkpoint.lock_out_dir, out_dir)
+        assert f'another run (pid {os.getpid()})' in line and out_dir in line and 'another --out_dir' in line
+    finally:
+        first.close()
+    checkpoint.lock_out_dir(out_dir).close()  # free again once the first holder lets go
+
+
+def test_out_dir_lock_is_released_when_its_process_is_killed(tmp_path, capsys):
+    out_dir = str(tmp_path / 'out')
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys, checkpoint; lock = checkpoint.lock_out_dir(sys.argv[1]); '
+                               'print("locked", flush=True); sys.stdin.read()', out_dir],
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'locked\n'
+        assert f'pid {holder.pid}' in expect_die(capsys, checkpoint.lock_out_dir, out_dir)
+        holder.send_signal(signal.SIGKILL)  # no chance to clean up: the OS releases the lock
+        holder.wait(timeout=30)
+    finally:
+        holder.kill()
+    checkpoint.lock_out_dir(out_dir).close()
+
+
+def test_out_dir_that_is_a_file_cannot_be_locked(tmp_path, capsys):
+    (tmp_path / 'out').write_text('a file')
+    line = expect_die(capsys, checkpoint.lock_out_dir, str(tmp_path / 'out'))
+    assert 'is a file' in line
+
+
+# ----------------------------------------------------------------------------- prepared datasets
+
+def write_dataset(directory, train=b'\x01\x00' * 50, val=b'\x02\x00' * 20, manifest=True):
+    os.makedirs(directory, exist_ok=True)
+    (directory / 'train.bin').write_bytes(train)
+    (directory / 'val.bin').write_bytes(val)
+    if manifest:  # as data/prepare_utils.finish_dataset writes it
+        files = {'train.bin': len(train), 'val.bin': len(val)}
+        (directory / 'manifest.json').write_text(json.dumps({'complete': True, 'vocab_size': 7, 'files': files}))
+
+
+def test_manifest_of_a_complete_dataset_is_returned(tmp_path):
+    write_dataset(tmp_path)
+    assert checkpoint.read_manifest(str(tmp_path))['vocab_size'] == 7
+    assert checkpoint.load_tokens(str(tmp_path), 'val').tolist() == [2] * 20
+
+
+def test_dataset_without_manifest_is_taken_as_it_is(tmp_path):
+    write_dataset(tmp_path, manifest=False)  # prepared by nanoGPT's scripts, say
+    assert checkpoint.read_manifest(str(tmp_path)) is None
+
+
+def test_dataset_whose_prepare_script_stopped_is_refused(tmp_path, capsys):
+    write_dataset(tmp_path)
+    (tmp_path / 'manifest.json').write_text(json.dumps({'complete': False}))
+    line = expect_die(capsys, checkpoint.read_manifest, str(tmp_path))
+    assert 'incomplete' in line and 'prepare script again' in line
+
+
+@pytest.mark.parametrize('change', ['train.bin replaced', 'meta.pkl removed'])
+def test_dataset_files_that_changed_since_they_were_prepared_are_refused(tmp_path, capsys, change):
+    write_dataset(tmp_path)
+    manifest = json.loads((tmp_path / 'manifest.json').read_text())
+    (tmp_path / 'meta.pkl').write_bytes(b'x')
+    manifest['files']['meta.pkl'] = 1
+    (tmp_path / 'manifest.json').write_text(json.dumps(manifest))
+    if change == 'train.bin replaced':
+        (tmp_path / 'train.bin').write_bytes(b'\x01\x00' * 60)  # as by a newer preparation killed mid-way
+        expected = f"{tmp_path / 'train.bin'} has 120 bytes, but the prepare script wrote 100"
+    else:
+        os.remove(tmp_path / 'meta.pkl')
+        expected = f"{tmp_path / 'meta.pkl'} is missing"
+    assert expected in expect_die(capsys, checkpoint.read_manifest, str(tmp_path))
+
+
+@pytest.mark.parametrize('content, what', [(b'', 'is empty'), (b'\x01\x00\x02', 'has an odd number of bytes (3)')],
+                         ids=['empty', 'odd size'])
+def test_token_file_that_cannot_hold_uint16_ids_is_refused(tmp_path, capsys, content, what):
+    write_dataset(tmp_path, val=content, manifest=False)
+    line = expect_die(capsys, checkpoint.load_tokens, str(tmp_path), 'val')
+    assert f"{tmp_path / 'val.bin'} {what}" in line

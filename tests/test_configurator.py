@@ -1,9 +1,11 @@
-"""Tests of configurator.configure: nanoGPT's config files and --key=value overrides, and the one-line
-errors (exit code 2) for every mistake a user can make with them."""
+"""Tests of configurator.configure: nanoGPT's config files and --key=value overrides, the table of rules
+every setting is checked against, and the one-line error (a UserError) for every mistake a user can make."""
+
+import math
 
 import pytest
 
-from configurator import configure
+from configurator import UserError, check_settings, configure
 
 
 def defaults():
@@ -106,20 +108,15 @@ def test_config_file_int_for_float_setting_becomes_float(tmp_path):
     assert value == 1.0 and type(value) is float
 
 
-# ----------------------------------------------------------------------------- mistakes: one line, exit code 2
+# ----------------------------------------------------------------------------- mistakes: one line
 
-def expect_error(capsys, argv):
-    """Run configure on argv expecting the one-line error exit; return that line. Progress notes such as
-    'Overriding config with ...' may come before it on stderr, but the error is exactly one line, the last."""
-    capsys.readouterr()  # discard anything printed before
-    with pytest.raises(SystemExit) as info:
-        configure(defaults(), argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    error_lines = [i for i, line in enumerate(err.splitlines()) if line.startswith('error:')]
-    assert len(error_lines) == 1, f'expected one error line on stderr, got: {err!r}'
-    assert error_lines[0] == len(err.splitlines()) - 1, f'the error message spans several lines: {err!r}'
-    return err.splitlines()[-1]
+def expect_error(capsys, argv, namespace=None):
+    """Run configure on argv expecting a UserError; return its message, which must be a single line."""
+    with pytest.raises(UserError) as info:
+        configure(defaults() if namespace is None else namespace, argv)
+    message = str(info.value)
+    assert '\n' not in message, message
+    return message
 
 
 def test_unknown_key_suggests_closest_key(capsys):
@@ -187,3 +184,93 @@ def test_config_file_error_with_multiline_message_still_prints_one_line(capsys, 
     path = write_config(tmp_path, "raise ValueError('first line\\nsecond line')\n")
     line = expect_error(capsys, [path])
     assert path in line and 'first line' in line
+
+
+# ----------------------------------------------------------------------------- what a config file set
+
+@pytest.mark.parametrize('line, key', [('compile = True', 'compile'), ('batch_size = 12', 'batch_size'),
+                                       ("out_dir = 'out'", 'out_dir'), ('learning_rate = 6e-4', 'learning_rate')],
+                         ids=['bool', 'small int', 'short string', 'float'])
+def test_config_file_setting_a_value_equal_to_the_current_one_still_counts_as_set(tmp_path, line, key):
+    # the value is the default's own object for bools, small ints and interned strings: identity cannot tell
+    path = write_config(tmp_path, line + '\n')
+    assert configure(defaults(), [path]) == {key}
+
+
+def test_settings_assigned_by_a_config_file_it_includes_count_as_set(tmp_path):
+    write_config(tmp_path, "compile = True\nmax_iters = 100\n", 'base.py')
+    path = write_config(tmp_path, "import os\nexec(open(os.path.join(os.path.dirname(__file__), 'base.py')).read())\n"
+                                  "batch_size = 7\n")
+    namespace = defaults()
+    assert configure(namespace, [path]) == {'compile', 'max_iters', 'batch_size'}
+    assert namespace == dict(defaults(), batch_size=7)
+
+
+def test_functions_in_a_config_file_see_its_values(tmp_path):
+    path = write_config(tmp_path, "batch_size = 16\ndef doubled():\n    return 2 * batch_size\n"
+                                  "max_iters = doubled()\nout_dir = ''.join(c for c in out_dir)\n")
+    assert configured([path])['max_iters'] == 32
+
+
+# ----------------------------------------------------------------------------- the table of rules
+
+def train_like(**overrides):
+    """A namespace with train.py's and sample.py's names (only the names matter to the rules) at valid values."""
+    settings = dict(batch_size=12, block_size=64, n_layer=4, n_head=4, n_embd=128, gradient_accumulation_steps=1,
+                    eval_interval=250, eval_iters=20, log_interval=1, max_iters=2000, warmup_iters=100,
+                    lr_decay_iters=2000, learning_rate=1e-3, min_lr=1e-4, weight_decay=0.1, beta1=0.9, beta2=0.99,
+                    grad_clip=1.0, dropout=0.0, decay_lr=True, seed=1337, peak_flops=0.0, backend='',
+                    num_samples=2, max_new_tokens=10, temperature=0.8, top_k=200, top_p=1.0)
+    settings.update(overrides)
+    return settings
+
+
+@pytest.mark.parametrize('key, value', [
+    ('batch_size', 0), ('block_size', -1), ('n_layer', 0), ('gradient_accumulation_steps', 0),
+    ('eval_interval', 0), ('eval_iters', 0), ('log_interval', 0), ('num_samples', 0), ('max_new_tokens', 0),
+    ('max_iters', -1), ('warmup_iters', -5), ('seed', -1), ('learning_rate', -1e-3), ('min_lr', -1e-5),
+    ('weight_decay', -0.1), ('grad_clip', -1.0), ('temperature', -0.5), ('top_k', -1), ('peak_flops', -1.0),
+    ('dropout', 1.0), ('dropout', -0.1), ('beta1', 1.0), ('beta2', 1.5), ('top_p', 0.0), ('top_p', 1.01),
+    ('backend', 'mpi'),
+])
+def test_out_of_range_setting_is_refused_with_its_name_and_range(key, value):
+    with pytest.raises(UserError) as info:
+        check_settings(train_like(**{key: value}))
+    message = str(info.value)
+    assert message.startswith(f"{key}={value!r} is out of range: it must be "), message
+
+
+@pytest.mark.parametrize('value', [math.nan, math.inf, -math.inf])
+def test_a_float_setting_that_is_not_finite_is_refused(value):
+    with pytest.raises(UserError, match=f'learning_rate={value} is not a finite number'):
+        check_settings(train_like(learning_rate=value))
+
+
+@pytest.mark.parametrize('overrides, names', [
+    (dict(n_embd=30, n_head=4), ['n_embd=30', 'n_head=4']),
+    (dict(min_lr=1e-2, learning_rate=1e-3), ['min_lr=0.01', 'learning_rate=0.001', '--decay_lr=False']),
+])
+def test_settings_that_contradict_each_other_are_refused(overrides, names):
+    with pytest.raises(UserError) as info:
+        check_settings(train_like(**overrides))
+    for name in names:
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize('overrides', [
+    {}, dict(warmup_iters=2000, lr_decay_iters=2000), dict(warmup_iters=100, lr_decay_iters=6), dict(warmup_iters=0), dict(max_iters=0), dict(top_k=0),
+    dict(top_p=1.0), dict(temperature=0.0), dict(learning_rate=0.0, min_lr=0.0), dict(grad_clip=0.0),
+    dict(decay_lr=False, min_lr=1.0, warmup_iters=5000), dict(beta2=0.999), dict(dropout=0.5),
+], ids=str)
+def test_valid_settings_and_boundaries_pass(overrides):
+    check_settings(train_like(**overrides))
+
+
+def test_rules_apply_only_to_the_settings_a_script_has():
+    check_settings({'out_dir': 'x', 'checkpoint': ''})  # export_hf.py's settings: nothing to check
+
+
+def test_configure_checks_the_settings_after_all_overrides(tmp_path):
+    path = write_config(tmp_path, "batch_size = 0\n")
+    assert 'batch_size=0' in expect_error(None, [path])
+    assert configured([path, '--batch_size=4'])['batch_size'] == 4  # fixed later on the same command line

@@ -24,8 +24,9 @@ from scripts import REPO_ROOT, TINY, args_of, eval_losses, iter_losses, prepare_
 pytestmark = pytest.mark.slow
 
 TRAIN_PY = os.path.join(REPO_ROOT, 'train.py')
-# two micro-batches per step, so two processes take one each; evaluations every 4 iterations
-SETTINGS = dict(TINY, gradient_accumulation_steps=2, eval_interval=4, max_iters=16)
+# two micro-batches per step, so two processes take one each; evaluations every 4 iterations; dropout, so that
+# a process must draw the same masks for a micro-batch as the single process does
+SETTINGS = dict(TINY, gradient_accumulation_steps=2, eval_interval=4, max_iters=16, dropout=0.1)
 # the logs print 4 decimals: losses agree to one unit of the last digit (the epsilon absorbs float error in
 # subtracting two printed values)
 TOL = 1e-4 + 1e-9

@@ -3,6 +3,7 @@ transformers' GPT2LMHeadModel as in our GPT, and works in a transformers text-ge
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 
 import checkpoint
 import export_hf
+from configurator import UserError
 from model import GPT, GPTConfig
 
 from scripts import REPO_ROOT
@@ -207,26 +209,22 @@ def test_char_level_bias_free_export_from_best_checkpoint(tmp_path):
     assert (hf.transformer.h[0].attn.c_attn.bias == 0).all()  # bias=False exported as zero biases
 
 
-def test_export_of_missing_checkpoint_fails_with_one_line(tmp_path, monkeypatch, capsys):
+def test_export_of_missing_checkpoint_fails_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(export_hf, 'out_dir', str(tmp_path / 'nothing'))  # what --out_dir=... sets
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(UserError, match=re.escape(str(tmp_path / 'nothing' / 'ckpt.pt'))):
         export_hf.main()
-    assert info.value.code not in (0, None)
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error:'), lines
-    assert str(tmp_path / 'nothing' / 'ckpt.pt') in lines[0]
     assert not (tmp_path / 'nothing').exists()  # nothing written
 
 
-def test_export_dir_that_is_a_file_fails_with_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize('where', ['a file', 'under a file'])
+def test_export_dir_that_cannot_be_written_fails_before_any_work(tmp_path, monkeypatch, where):
     model = GPT(GPTConfig(vocab_size=65, block_size=8, n_layer=1, n_head=2, n_embd=16))
     save_like_train_py(model, tmp_path / 'out' / 'ckpt.pt')
     (tmp_path / 'taken').write_text('a file')
+    target = tmp_path / 'taken' if where == 'a file' else tmp_path / 'taken' / 'hf'
     monkeypatch.setattr(export_hf, 'out_dir', str(tmp_path / 'out'))
-    monkeypatch.setattr(export_hf, 'export_dir', str(tmp_path / 'taken'))
-    with pytest.raises(SystemExit) as info:
+    monkeypatch.setattr(export_hf, 'export_dir', str(target))
+    with pytest.raises(UserError, match=re.escape(str(target))) as info:
         export_hf.main()
-    assert info.value.code not in (0, None)
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error:') and str(tmp_path / 'taken') in lines[0], lines
+    assert '\n' not in str(info.value) and 'another --export_dir' in str(info.value)
     assert (tmp_path / 'taken').read_text() == 'a file'

@@ -28,11 +28,9 @@ def tiny_gpt2_dir(tmp_path):
 def bpe_dataset(tmp_path, small_text, tiktoken_cache):
     """data/shakespeare/prepare.py (the real script, copied) run on the small test text."""
     data_dir = tmp_path / 'data' / 'shakespeare'
-    data_dir.mkdir(parents=True)
-    shutil.copy(os.path.join(REPO_ROOT, 'data', 'shakespeare', 'prepare.py'), data_dir)
-    shutil.copy(os.path.join(REPO_ROOT, 'data', 'prepare_utils.py'), tmp_path / 'data')
     (tmp_path / 'text.txt').write_text(small_text, encoding='utf-8')
-    subprocess.run([sys.executable, str(data_dir / 'prepare.py'), f'--input={tmp_path / "text.txt"}'],
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'data', 'shakespeare', 'prepare.py'),
+                    f'--input={tmp_path / "text.txt"}', f'--out_dir={data_dir}'],
                    check=True, capture_output=True, env=script_env())
     return str(data_dir)
 
@@ -84,38 +82,48 @@ def test_export_after_training_matches_transformers_logits(tmp_path, tiny_gpt2_d
     assert (got - expected[..., :got.size(-1)]).abs().max().item() <= 1e-5
 
 
-def write_nanogpt_checkpoint(path, dataset, iter_num=7):
-    """A ckpt.pt laid out exactly as nanoGPT's train.py writes it after torch.compile on a GPU."""
-    from model import GPT, GPTConfig
-    torch.manual_seed(0)
-    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=None, dropout=0.0)
-    from checkpoint import load_meta
-    model_args['vocab_size'] = load_meta(dataset)['vocab_size']
-    model = GPT(GPTConfig(**model_args))
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu')
-    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
-    optimizer.step()
-    config = dict(TINY, dataset=dataset, out_dir='out-shakespeare-char', backend='nccl', device='cuda',
-                  dtype='bfloat16', compile=True, init_from='scratch')
-    torch.save({'model': {'_orig_mod.' + k: v for k, v in model.state_dict().items()},
-                'optimizer': optimizer.state_dict(), 'model_args': model_args, 'iter_num': iter_num,
-                'best_val_loss': torch.tensor(2.5), 'config': config}, path)
+# written by upstream nanoGPT's own train.py (karpathy/nanoGPT at commit 3adf61e) on a CPU, in its checkout, with
+#   python data/shakespeare_char/prepare.py   (tiny Shakespeare)
+#   python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=2 --log_interval=1
+#     --block_size=16 --batch_size=4 --n_layer=1 --n_head=2 --n_embd=16 --max_iters=6 --lr_decay_iters=6
+#     --dropout=0.0 --eval_interval=5 --out_dir=out-nanogpt-fixture --always_save_checkpoint=True
+# and copied from out-nanogpt-fixture/ckpt.pt: the checkpoint of iter 5, which names its dataset
+# 'shakespeare_char' and holds no vocabulary, and records nanoGPT's CPU settings (dtype float16, no compile)
+NANOGPT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'nanogpt_ckpt.pt')
+SCRIPTS = ('train.py', 'sample.py', 'model.py', 'checkpoint.py', 'configurator.py', 'hardware.py', 'metrics.py')
 
 
 @pytest.mark.slow
-def test_nanogpt_checkpoint_samples_and_resumes(tmp_path, small_text):
-    from scripts import prepare_char_dataset
-    dataset = prepare_char_dataset(tmp_path, small_text)
-    out_dir = tmp_path / 'out'
+def test_a_checkpoint_written_by_nanogpt_samples_and_resumes(tmp_path, shakespeare_path):
+    # a checkout of this repository in which shakespeare_char is prepared, as in a nanoGPT user's
+    checkout = tmp_path / 'checkout'
+    checkout.mkdir()
+    for name in SCRIPTS:
+        shutil.copy(os.path.join(REPO_ROOT, name), checkout)
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'data', 'shakespeare_char', 'prepare.py'),
+                    f'--input={shakespeare_path}', f'--out_dir={checkout / "data" / "shakespeare_char"}'],
+                   check=True, capture_output=True, env=script_env())
+    out_dir = checkout / 'out-shakespeare-char'
     out_dir.mkdir()
-    write_nanogpt_checkpoint(out_dir / 'ckpt.pt', dataset)
-    sample = run_script('sample.py', f'--out_dir={out_dir}', '--device=cpu', '--num_samples=1',
-                        '--max_new_tokens=30', '--start=KING:')
+    shutil.copy(NANOGPT_CHECKPOINT, out_dir / 'ckpt.pt')
+
+    def run_in_checkout(script, *args):
+        proc = subprocess.run([sys.executable, str(checkout / script), *args], cwd=checkout, env=script_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc
+
+    sample = run_in_checkout('sample.py', f'--out_dir={out_dir}', '--device=cpu', '--num_samples=1',
+                             '--max_new_tokens=30', '--start=KING:')
     text = sample.stdout.split('---------------')[0]
-    assert text.startswith('KING:') and len(text) >= len('KING:') + 30 and set(text) <= set(small_text) | {'\n'}
-    # resume on a CPU: the checkpoint's machine settings (cuda, bfloat16, nccl, compile) are this machine's
-    proc = run_script('train.py', '--init_from=resume', f'--out_dir={out_dir}', '--max_iters=10')
-    assert sorted(iter_losses(proc.stdout)) == [7, 8, 9]
+    with open(shakespeare_path, encoding='utf-8') as f:
+        alphabet = set(f.read())
+    assert text.startswith('KING:') and len(text) == len('KING:') + 30 + 1 and set(text) <= alphabet
+    assert f"loaded {out_dir / 'ckpt.pt'} (iter 5, best val loss 4.1761)" in sample.stderr
+    # resume on this CPU: the checkpoint's machine settings (float16 on a CPU) are replaced by this machine's
+    proc = run_in_checkout('train.py', '--init_from=resume', f'--out_dir={out_dir}', '--max_iters=10')
+    assert 'dtype float32' in proc.stdout
+    assert sorted(iter_losses(proc.stdout)) == [5, 6, 7, 8, 9]
 
 
 def test_hub_model_without_network_fails_with_one_line(tmp_path, small_text):

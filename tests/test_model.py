@@ -448,6 +448,24 @@ def test_incremental_cached_logits_equal_full_forward_logits(gen_model, flash):
             torch.testing.assert_close(logits[:, -1], full[:, t], atol=1e-5, rtol=0, msg=f'position {t}')
 
 
+@pytest.mark.parametrize('flash', [True, False])
+def test_several_new_tokens_after_cached_ones_see_exactly_their_past(gen_model, flash):
+    # chunks of several tokens into a non-empty cache: each must attend to the cache and to the earlier
+    # tokens of its own chunk only (SDPA's is_causal alone would align the mask to the wrong corner)
+    set_flash(gen_model, flash)
+    idx = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(8))
+    full = all_logits(gen_model, idx)
+    cache = KVCache(gen_model.config, 2)
+    chunks = []
+    with torch.no_grad():
+        for start, end in ((0, 5), (5, 6), (6, 17), (17, 30)):
+            chunk = idx[:, start:end]
+            logits, _ = gen_model(chunk, targets=torch.zeros_like(chunk), kv_cache=cache)  # logits everywhere
+            chunks.append(logits)
+            assert cache.length == end
+    torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-5, rtol=0)
+
+
 def test_cache_holds_keys_and_values_in_the_autocast_dtype(gen_model):
     # under mixed precision keys and values come out of c_attn in bfloat16: a float32 cache would double its
     # memory and convert every layer's whole cache back for attention at every token

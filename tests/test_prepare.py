@@ -5,6 +5,7 @@ the input text itself, tiktoken run in the test, and the datasets library's own 
 """
 import json
 import os
+import pathlib
 import pickle
 import random
 import shutil
@@ -14,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+from scripts import install_prepare_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 DEAD_PROXY = 'http://127.0.0.1:9'  # nothing listens on the discard port, so requests fail at once
@@ -21,12 +24,8 @@ EOT = 50256  # gpt2's <|endoftext|>
 
 
 def install(tmp_path, name):
-    """Copy data/<name>/prepare.py and data/prepare_utils.py under tmp_path; return the copied script's path."""
-    script_dir = tmp_path / 'data' / name
-    script_dir.mkdir(parents=True)
-    shutil.copy(os.path.join(REPO, 'data', name, 'prepare.py'), script_dir)
-    shutil.copy(os.path.join(REPO, 'data', 'prepare_utils.py'), tmp_path / 'data')
-    return script_dir / 'prepare.py'
+    """A copy of data/<name>/prepare.py (with what it imports) under tmp_path; returns its path."""
+    return pathlib.Path(install_prepare_script(str(tmp_path), name))
 
 
 def run(script, *args, env=None):
@@ -74,8 +73,9 @@ def make_text(n_words=900, seed=0):
 # -----------------------------------------------------------------------------
 # shakespeare_char
 
-def check_char_outputs(script_dir, text):
-    """The bins decode to the text's first 90% / last 10% and the vocabulary is the text's sorted characters."""
+def check_char_outputs(script_dir, text, val_fraction=0.1):
+    """The bins decode to the text's first and last characters and the vocabulary is the text's sorted
+    characters; the manifest records every file's size and the vocabulary size."""
     meta = load_meta(script_dir / 'meta.pkl')
     chars = sorted(set(text))
     assert set(meta) == {'vocab_size', 'itos', 'stoi'}
@@ -83,10 +83,17 @@ def check_char_outputs(script_dir, text):
     assert meta['itos'] == dict(enumerate(chars))
     assert meta['stoi'] == {ch: i for i, ch in enumerate(chars)}
     train, val = tokens(script_dir / 'train.bin'), tokens(script_dir / 'val.bin')
-    n_train = int(len(text) * 0.9)
+    n_train = int(len(text) * (1 - val_fraction))
     assert ''.join(meta['itos'][i] for i in train.tolist()) == text[:n_train]
     assert ''.join(meta['itos'][i] for i in val.tolist()) == text[n_train:]
+    assert_manifest(script_dir, ['meta.pkl', 'train.bin', 'val.bin'], len(chars))
     return meta, train, val
+
+
+def assert_manifest(out_dir, files, vocab_size):
+    manifest = json.loads((out_dir / 'manifest.json').read_text())
+    assert manifest == {'complete': True, 'vocab_size': vocab_size,
+                        'files': {name: os.path.getsize(out_dir / name) for name in files}}
 
 
 def test_char_prepare_small_text(tmp_path):
@@ -102,7 +109,19 @@ def test_char_prepare_small_text(tmp_path):
     assert f"train has {len(train):,} tokens" in result.stdout
     assert f"val has {len(val):,} tokens" in result.stdout
     # only the outputs, no temp files left over
-    assert sorted(os.listdir(script.parent)) == ['meta.pkl', 'prepare.py', 'train.bin', 'val.bin']
+    assert sorted(os.listdir(script.parent)) == ['manifest.json', 'meta.pkl', 'prepare.py', 'train.bin', 'val.bin']
+
+
+def test_char_prepare_of_your_own_book_into_its_own_dataset_with_its_own_split(tmp_path):
+    # the README's command for one book: --input, --out_dir and --val_fraction, the script left where it is
+    text = make_text(seed=3)
+    (tmp_path / 'book.txt').write_text(text, encoding='utf-8')
+    out_dir = tmp_path / 'data' / 'mybook'
+    result = run(pathlib.Path(REPO, 'data', 'shakespeare_char', 'prepare.py'), f'--input={tmp_path / "book.txt"}',
+                 f'--out_dir={out_dir}', '--val_fraction=0.25')
+    assert result.returncode == 0, result.stderr
+    check_char_outputs(out_dir, text, val_fraction=0.25)
+    assert sorted(os.listdir(out_dir)) == ['manifest.json', 'meta.pkl', 'train.bin', 'val.bin']
 
 
 def distinct_chars(n):
@@ -168,7 +187,20 @@ def test_bpe_prepare_tiny_shakespeare(tmp_path, shakespeare_path, tiktoken_cache
     assert (len(train), len(val)) == (301_966, 36_059)
     assert "train has 301,966 tokens\n" in result.stdout
     assert "val has 36,059 tokens\n" in result.stdout
-    assert sorted(os.listdir(script.parent)) == ['prepare.py', 'train.bin', 'val.bin']
+    assert sorted(os.listdir(script.parent)) == ['manifest.json', 'prepare.py', 'train.bin', 'val.bin']
+    assert_manifest(script.parent, ['train.bin', 'val.bin'], 50257)
+
+
+def test_both_shakespeare_datasets_read_the_same_downloaded_text(tmp_path, tiktoken_cache):
+    char_script, bpe_script = install(tmp_path, 'shakespeare_char'), install(tmp_path, 'shakespeare')
+    text = make_text(seed=5)
+    (char_script.parent / 'input.txt').write_text(text, encoding='utf-8')  # as the char script's download left it
+    result = run(bpe_script, env=offline_env())  # no network: it must not try to download again
+    assert result.returncode == 0, result.stderr
+    import tiktoken
+    n_train = int(len(text) * 0.9)
+    assert tokens(bpe_script.parent / 'train.bin').tolist() == tiktoken.get_encoding('gpt2').encode_ordinary(text[:n_train])
+    assert not (bpe_script.parent / 'input.txt').exists()
 
 
 def test_bpe_prepare_without_tiktoken_files(tmp_path):
@@ -257,12 +289,19 @@ def test_openwebtext_prepare_local_dataset(tmp_path, owt_dataset, tiktoken_cache
     out_dir = tmp_path / 'out'
     result = run(script, f'--dataset={folder}', '--num_proc=2', f'--out_dir={out_dir}', env=owt_env(tmp_path, 'cache1'))
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(out_dir)) == ['train.bin', 'val.bin']
+    assert sorted(os.listdir(out_dir)) == ['manifest.json', 'train.bin', 'val.bin']
 
-    # oracle: the same split done by datasets here, and tiktoken decoding each document
-    split = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / 'oracle_cache'))['train'] \
-        .train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+    # oracle: the split done by datasets here, with as many val documents as the documented rule gives (0.05%
+    # of the documents, 1 here, then more while the val split is short of 4096 tokens, up to half of them),
+    # and tiktoken decoding each document
     enc = tiktoken.get_encoding('gpt2')
+    loaded = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / 'oracle_cache'))['train']
+    shuffled = loaded.train_test_split(test_size=len(docs) - 1, seed=2357, shuffle=True)['test']['text']
+    n_val = 1
+    while sum(len(enc.encode_ordinary(d)) + 1 for d in shuffled[:n_val]) < 4096 and n_val < len(docs) // 2:
+        n_val += 1
+    assert 1 < n_val < len(docs) // 2  # the floor, not the fraction, decided it
+    split = loaded.train_test_split(test_size=n_val, seed=2357, shuffle=True)
     train, val = tokens(out_dir / 'train.bin').tolist(), tokens(out_dir / 'val.bin').tolist()
     train_docs = [enc.decode(d) for d in split_documents(train)]
     val_docs = [enc.decode(d) for d in split_documents(val)]
@@ -272,6 +311,7 @@ def test_openwebtext_prepare_local_dataset(tmp_path, owt_dataset, tiktoken_cache
     assert train_docs == split['train']['text']
     assert f"train has {len(train):,} tokens" in result.stdout
     assert f"val has {len(val):,} tokens" in result.stdout
+    assert_manifest(out_dir, ['train.bin', 'val.bin'], 50257)
 
     # a second run from scratch writes the same bytes
     out_dir2 = tmp_path / 'out2'
@@ -279,6 +319,34 @@ def test_openwebtext_prepare_local_dataset(tmp_path, owt_dataset, tiktoken_cache
     assert result.returncode == 0, result.stderr
     assert (out_dir2 / 'val.bin').read_bytes() == (out_dir / 'val.bin').read_bytes()
     assert (out_dir2 / 'train.bin').read_bytes() == (out_dir / 'train.bin').read_bytes()
+
+
+def test_a_folder_of_text_files_is_one_document_per_file(tmp_path, tiktoken_cache):
+    import tiktoken
+    folder = tmp_path / 'my_corpus'
+    folder.mkdir()
+    files = {'a.txt': 'First file.\n\nIts second paragraph.\n', 'b.txt': 'Second file, one line', 'c.txt': 'Third\nfile\n'}
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding='utf-8')
+    script = install(tmp_path, 'openwebtext')
+    out_dir = tmp_path / 'mycorpus'
+    result = run(script, f'--dataset={folder}', '--val_fraction=0.3', '--num_proc=1', f'--out_dir={out_dir}',
+                 env=owt_env(tmp_path, 'cache'))
+    assert result.returncode == 0, result.stderr
+    enc = tiktoken.get_encoding('gpt2')
+    train = [enc.decode(d) for d in split_documents(tokens(out_dir / 'train.bin').tolist())]
+    val = [enc.decode(d) for d in split_documents(tokens(out_dir / 'val.bin').tolist())]
+    assert sorted(train + val) == sorted(files.values())  # each file whole, blank lines and all
+    assert len(val) == 1  # 30% of 3 documents, rounded up (the token floor never takes half of them)
+    assert "val has" in result.stdout and "(1 documents)" in result.stdout
+
+
+def test_a_single_text_file_is_pointed_to_the_one_book_scripts(tmp_path, tiktoken_cache):
+    (tmp_path / 'book.txt').write_text('a book', encoding='utf-8')
+    script = install(tmp_path, 'openwebtext')
+    line = assert_last_line_error(run(script, f'--dataset={tmp_path / "book.txt"}', '--num_proc=1',
+                                      f'--out_dir={tmp_path / "out"}', env=owt_env(tmp_path, 'cache')))
+    assert 'single document' in line and 'data/shakespeare/prepare.py --input=' in line
 
 
 def assert_last_line_error(result):

@@ -1,9 +1,12 @@
 """
 Prepare OpenWebText (or any corpus datasets.load_dataset can read) with the GPT-2 BPE tokenizer.
-Writes train.bin and val.bin (uint16 token ids, every document followed by the <|endoftext|> token).
-Usage: python data/openwebtext/prepare.py [--dataset=NAME_OR_PATH] [--text_column=text] [--num_proc=8] [--out_dir=DIR]
+Writes train.bin and val.bin (uint16 token ids, every document followed by the <|endoftext|> token) and
+manifest.json. A folder of .txt files is one document per file.
+Usage: python data/openwebtext/prepare.py [--dataset=NAME_OR_PATH] [--text_column=text] [--val_fraction=0.0005]
+       [--num_proc=8] [--out_dir=DIR]
 """
 import argparse
+import math
 import os
 import sys
 
@@ -12,52 +15,70 @@ from tqdm import tqdm
 
 script_dir = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(script_dir))  # data/, for the helpers shared with the other prepare scripts
-from prepare_utils import fail, gpt2_encoding
+from prepare_utils import UserError, begin_dataset, finish_dataset, gpt2_encoding, report_errors
 
+report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
+MIN_VAL_TOKENS = 4 * 1024  # a few of GPT-2's block_size, so that a small corpus still gets a usable val split
 cpu_count = os.cpu_count() or 1
 parser = argparse.ArgumentParser(description="tokenize a text dataset into train.bin and val.bin")
 parser.add_argument('--dataset', default='openwebtext',
-                    help="a Hugging Face dataset name, a local folder of .txt/.json/.jsonl/.parquet files, or one such file")
+                    help="a Hugging Face dataset name, a local folder of .txt (one document per file), "
+                         ".json/.jsonl or .parquet files, or one .json/.jsonl/.parquet file")
 parser.add_argument('--text_column', default='text', help="the column holding each document's text")
+parser.add_argument('--val_fraction', type=float, default=0.0005,
+                    help=f"share of the documents held out as the val split (default 0.0005); documents are added "
+                         f"until it holds at least {MIN_VAL_TOKENS:,} tokens, up to half of them")
 parser.add_argument('--num_proc', type=int, default=max(1, min(8, cpu_count // 2)),
                     help="worker processes for loading and tokenizing")
 parser.add_argument('--out_dir', default=script_dir, help="where to write train.bin and val.bin")
 args = parser.parse_args()
-num_proc = max(1, min(args.num_proc, cpu_count))  # more workers than cores only adds overhead
+if not 0 < args.val_fraction < 1:
+    raise UserError(f"--val_fraction={args.val_fraction} must be above 0 and below 1")
+if args.num_proc < 1:
+    raise UserError(f"--num_proc={args.num_proc} must be 1 or more")
+num_proc = min(args.num_proc, cpu_count)  # more workers than cores only adds overhead
 
 import datasets  # after argument parsing, so --help is quick
 enc = gpt2_encoding()  # before the (possibly long) dataset download, so a missing BPE fails fast
 
 # a single local file is read by the builder for its extension; folders and hub names go straight in
-builders = {'.txt': 'text', '.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
+builders = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
 try:
     if os.path.isfile(args.dataset):
         extension = os.path.splitext(args.dataset)[1].lower()
+        if extension == '.txt':
+            raise UserError(f"{args.dataset} is a single text file, which would be a single document; put your "
+                            ".txt files in a folder (one document each), or prepare one book with "
+                            f"python data/shakespeare/prepare.py --input={args.dataset} --out_dir=data/NAME")
         if extension not in builders:
-            fail(f"cannot read {args.dataset}: expected a {', '.join(builders)} file or a folder of them")
+            raise UserError(f"cannot read {args.dataset}: expected a {', '.join(builders)} file or a folder of them")
         dataset = datasets.load_dataset(builders[extension], data_files=args.dataset, num_proc=num_proc)
+    elif os.path.isdir(args.dataset) and any(name.endswith('.txt') for _, _, names in os.walk(args.dataset)
+                                             for name in names):
+        dataset = datasets.load_dataset(args.dataset, sample_by='document', num_proc=num_proc)  # a file a document
     else:
         dataset = datasets.load_dataset(args.dataset, num_proc=num_proc)
+except UserError:
+    raise
 except Exception as e:  # not found, offline, unsupported format: the library's own first line says which
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     # the ways datasets reports local files without a single row
     if isinstance(e, StopIteration) or 'corresponds to no data' in reason or \
             type(e.__cause__).__name__ == 'SchemaInferenceError':
         reason = "it holds no documents"
-    fail(f"could not load dataset {args.dataset!r}: {reason}")
+    raise UserError(f"could not load dataset {args.dataset!r}: {reason}") from None
 if 'train' not in dataset:
-    fail(f"dataset {args.dataset!r} has no 'train' split (it has: {', '.join(dataset)})")
+    raise UserError(f"dataset {args.dataset!r} has no 'train' split (it has: {', '.join(dataset)})")
 dataset = dataset['train']
 if args.text_column not in dataset.column_names:
-    fail(f"dataset {args.dataset!r} has no column {args.text_column!r}; its columns are: {', '.join(dataset.column_names)}")
+    raise UserError(f"dataset {args.dataset!r} has no column {args.text_column!r}; its columns are: "
+                    f"{', '.join(dataset.column_names)}")
 if getattr(dataset.features[args.text_column], 'dtype', None) not in ('string', 'large_string'):
-    fail(f"column {args.text_column!r} of dataset {args.dataset!r} holds {dataset.features[args.text_column]}, not text")
+    raise UserError(f"column {args.text_column!r} of dataset {args.dataset!r} holds "
+                    f"{dataset.features[args.text_column]}, not text")
 if len(dataset) < 2:
-    fail(f"dataset {args.dataset!r} has {len(dataset)} document(s); it needs at least 2 to make a train and a val split")
-
-# openwebtext only has a 'train' split, so carve out a small val split
-split_dataset = dataset.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
-split_dataset['val'] = split_dataset.pop('test')
+    raise UserError(f"dataset {args.dataset!r} has {len(dataset)} document(s); it needs at least 2 to make a "
+                    "train and a val split")
 
 # tokenize every document, ending it with the end-of-text token so documents stay separated
 def process(example):
@@ -65,31 +86,46 @@ def process(example):
     ids.append(enc.eot_token)  # 50256 for gpt2
     return {'ids': ids, 'len': len(ids)}
 
-tokenized = split_dataset.map(
+tokenized = dataset.map(
     process,
     remove_columns=dataset.column_names,
-    desc="tokenizing the splits",
+    desc="tokenizing the documents",
     num_proc=num_proc,
 )
 
+# openwebtext only has a 'train' split, so hold out val_fraction of the documents in a seeded shuffle (the
+# same split as datasets' train_test_split), adding documents while the val split is short of MIN_VAL_TOKENS
+lengths = np.asarray(tokenized['len'], dtype=np.int64)
+order = np.random.default_rng(2357).permutation(len(lengths))
+n_val = math.ceil(args.val_fraction * len(lengths))  # as train_test_split(test_size=val_fraction) counts them
+to_floor = int(np.searchsorted(np.cumsum(lengths[order]), MIN_VAL_TOKENS)) + 1  # documents to MIN_VAL_TOKENS
+n_val = min(max(n_val, min(to_floor, len(lengths) // 2)), len(lengths) - 1)  # never the whole corpus
+splits = {'train': tokenized.select(order[n_val:]), 'val': tokenized.select(order[:n_val])}
+
 # concatenate all the ids of each split into one file, a few documents at a time so memory stays bounded
-os.makedirs(args.out_dir, exist_ok=True)
-for split, dset in tokenized.items():
+files = ('train.bin', 'val.bin')
+begin_dataset(args.out_dir, files)
+for split, dset in splits.items():
     arr_len = int(np.sum(dset['len'], dtype=np.uint64))
     filename = os.path.join(args.out_dir, f'{split}.bin')
     tmp_filename = filename + '.tmp'  # renamed at the end, so a crash never leaves a half-written {split}.bin
-    arr = np.memmap(tmp_filename, dtype=np.uint16, mode='w+', shape=(arr_len,))  # gpt2 ids fit in uint16
-    total_batches = min(1024, len(dset))
-    idx = 0
-    for batch_idx in tqdm(range(total_batches), desc=f'writing {filename}'):
-        batch = dset.shard(num_shards=total_batches, index=batch_idx, contiguous=True).with_format('numpy')
-        arr_batch = np.concatenate(batch['ids'])
-        arr[idx : idx + len(arr_batch)] = arr_batch
-        idx += len(arr_batch)
-    arr.flush()
-    del arr
-    os.replace(tmp_filename, filename)
-    print(f"{split} has {arr_len:,} tokens")
+    try:
+        arr = np.memmap(tmp_filename, dtype=np.uint16, mode='w+', shape=(arr_len,))  # gpt2 ids fit in uint16
+        total_batches = min(1024, len(dset))
+        idx = 0
+        for batch_idx in tqdm(range(total_batches), desc=f'writing {filename}'):
+            batch = dset.shard(num_shards=total_batches, index=batch_idx, contiguous=True).with_format('numpy')
+            arr_batch = np.concatenate(batch['ids'])
+            arr[idx : idx + len(arr_batch)] = arr_batch
+            idx += len(arr_batch)
+        arr.flush()
+        del arr
+        os.replace(tmp_filename, filename)
+    finally:  # Ctrl-C or a full disk: no half-written file is left behind
+        if os.path.exists(tmp_filename):
+            os.remove(tmp_filename)
+    print(f"{split} has {arr_len:,} tokens ({len(dset):,} documents)")
+finish_dataset(args.out_dir, files, enc.n_vocab)
 
 # openwebtext:
 # train has ~9B tokens (9,035,582,198), train.bin is ~17GB
