@@ -10,7 +10,6 @@ Sampling reports the prompt's latency, then per-token latency and tokens/s with 
 """
 
 import os
-import sys
 import time
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 from checkpoint import (dataset_dir, is_pretrained_name, load_checkpoint, load_tokens, model_from_checkpoint,
                         new_model, pretrained_model)
 from configurator import UserError, configure, report_errors
-from hardware import autocast_context, best_device, check_device, peak_flops as device_peak_flops, sync
+from hardware import autocast_context, best_device, check_device, peak_flops as device_peak_flops, peak_memory, sync
 
 report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
 
@@ -35,7 +34,11 @@ block_size = 1024  # also crops a loaded model's context
 vocab_size = 0  # 0: 50304 (GPT-2's 50257 padded, as train.py) to train, GPT-2's 50257 to sample
 bias = False  # biases in Linears and LayerNorms
 dropout = 0.0  # dropout probability while training
+rope = False  # the faster recipes' options, as in train.py: rotary position embeddings
+qk_norm = False  # RMS-normalised queries and keys
+relu2 = False  # ReLU² instead of GELU in the MLP
 # training
+optimizer = 'adamw'  # 'adamw', or 'muon' (Muon for the blocks' matrices, AdamW for the rest), as in train.py
 batch_size = 12  # sequences per training step
 dataset = ''  # '' trains on random tokens; a dataset (as in train.py) reads batches from its train.bin
 warmup_steps = 10  # untimed steps first: allocations, compilation, caches
@@ -68,7 +71,7 @@ ctx = autocast_context(device_type, dtype)
 if init_from == 'scratch':
     vocab_size = vocab_size or (50304 if mode == 'train' else 50257)
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                      vocab_size=vocab_size, dropout=dropout)
+                      vocab_size=vocab_size, dropout=dropout, rope=rope, qk_norm=qk_norm, relu2=relu2)
     model = new_model(model_args, "the settings")
 elif init_from == 'resume':
     model = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, 'ckpt.pt')), dropout=dropout)
@@ -100,18 +103,6 @@ def profiled(fn, steps):
     print(prof.key_averages().table(sort_by=sort_by, row_limit=20))
 
 
-def peak_memory():
-    """Peak memory so far: allocated by PyTorch on CUDA, else the whole process's peak resident set."""
-    if device_type == 'cuda':
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated (torch.cuda)"
-    try:
-        import resource
-    except ImportError:  # Windows
-        return "unknown (no resource module)"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
-    return f"{rss / 2**30:.2f} GiB peak RSS of the process"
-
-
 def train():
     if dataset:
         path = os.path.join(dataset_dir(dataset), 'train.bin')
@@ -135,8 +126,8 @@ def train():
         def get_batch():
             return batch
 
-    optimizer = model.configure_optimizers(weight_decay=1e-1, learning_rate=1e-4, betas=(0.9, 0.95),
-                                           device_type=device_type)
+    optimizers = model.configure_optimizers(weight_decay=1e-1, learning_rate=1e-4, betas=(0.9, 0.95),
+                                            device_type=device_type, muon_lr=0.02 if optimizer == 'muon' else 0.0)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
     train_model = torch.compile(model) if compile else model
     model.train()
@@ -148,9 +139,10 @@ def train():
             _, loss = train_model(X, Y)
         X, Y = get_batch()
         scaler.scale(loss).backward()
-        scaler.step(optimizer)
+        for opt in optimizers:
+            scaler.step(opt)
+            opt.zero_grad(set_to_none=True)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
         return loss
 
     t0 = time.perf_counter()
@@ -170,7 +162,7 @@ def train():
     mfu = model.estimate_mfu(tokens_per_iter, dt, peak)
     print(f"{num_steps} steps of {tokens_per_iter:,} tokens: loss {loss.item():.4f}")
     print(f"{tokens_per_iter / dt:,.0f} tokens/s, {dt * 1000:.2f} ms/iter, "
-          f"MFU {mfu * 100:.2f}% of {peak / 1e12:.2f} TFLOP/s ({peak_source}), peak memory {peak_memory()}")
+          f"MFU {mfu * 100:.2f}% of {peak / 1e12:.2f} TFLOP/s ({peak_source}), peak memory {peak_memory(device)}")
     if profile:
         profiled(step, min(num_steps, 10))
 
@@ -220,7 +212,7 @@ def sample():
     for lo, hi in zip(edges[:-1], edges[1:]):
         cells = [f"{np.median(np.diff(times[lo - 1:hi])) * 1000:.2f}" for _, times in runs.values()]
         print(f"| {lo + 1}-{hi} | {prompt_tokens + lo + 1}-{prompt_tokens + hi} | " + " | ".join(cells) + " |")
-    print(f"peak memory {peak_memory()}")
+    print(f"peak memory {peak_memory(device)}")
     if profile:
         print("\nprofile of one generate call with the cache:")
         profiled(lambda: model.generate(prompt, max_new_tokens, temperature=0), 1)

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pickle
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -20,7 +21,8 @@ try:
 except ImportError:
     fcntl = None
 
-MODEL_SHAPE_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
+FIXED_ON_RESUME = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'rope', 'qk_norm', 'relu2',
+                   'optimizer')
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINT_FILES = ('ckpt.pt', 'best.pt')
 
@@ -96,6 +98,13 @@ def new_model(model_args, source):
         raise UserError(f"{source} {model_args} describe no model this model.py can build: {e}") from None
 
 
+def fixed_settings(checkpoint):
+    """The settings a resumed run cannot change, as the checkpoint has them: its model's shape and architecture
+    and its optimizer. A checkpoint that names no architecture or optimizer (nanoGPT's) has GPT-2's and AdamW."""
+    saved = {**asdict(GPTConfig()), 'optimizer': 'adamw', **checkpoint.get('config', {}), **checkpoint['model_args']}
+    return {k: saved[k] for k in FIXED_ON_RESUME}
+
+
 def model_from_checkpoint(checkpoint, dropout=None):
     model_args = dict(checkpoint['model_args'])
     if dropout is not None:
@@ -118,6 +127,65 @@ def pretrained_model(name_or_path, dropout=None):
 
 def is_pretrained_name(init_from):
     return init_from in HUB_MODELS or os.path.isdir(init_from)
+
+
+def load_model(init_from, out_dir, checkpoint_name=''):
+    """The model to sample from or evaluate, as sample.py and eval.py load it: with init_from='resume' from
+    out_dir's best.pt if there is one, else its ckpt.pt (or checkpoint_name), else GPT-2 weights from the hub or
+    a local Hugging Face directory. Returns (model in eval mode, its char vocabulary or None, what was loaded)."""
+    if init_from == 'resume':
+        path = os.path.join(out_dir, checkpoint_name or ('best.pt' if os.path.exists(os.path.join(out_dir, 'best.pt'))
+                                                         else 'ckpt.pt'))
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt)
+        dataset = ckpt.get('config', {}).get('dataset')
+        meta = ckpt.get('meta') or (load_meta(dataset_dir(dataset)) if dataset else None)  # nanoGPT's lack 'meta'
+        if meta is None and model.config.vocab_size < 50257:
+            raise UserError(f"the checkpoint's model has a {model.config.vocab_size}-token vocabulary but its "
+                            f"dataset's meta.pkl ({dataset_dir(dataset) if dataset else 'no dataset recorded'}) is "
+                            "missing; prepare the dataset again")
+        described = (f"{path} (iter {ckpt.get('iter_num', '?')}, "
+                     f"best val loss {float(ckpt.get('best_val_loss', float('nan'))):.4f})")
+    elif is_pretrained_name(init_from):
+        model, meta, described = pretrained_model(init_from), None, init_from
+    else:
+        raise UserError(f"unknown init_from '{init_from}': use resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+                        "or a local directory holding Hugging Face GPT-2 weights")
+    return model.eval(), meta, described
+
+
+class Tokenizer:
+    """A model's vocabulary: its dataset's characters (meta.pkl), or else GPT-2's BPE (tiktoken)."""
+
+    def __init__(self, meta):
+        self.meta = meta
+        if meta is not None:
+            self.eot = None
+            return
+        import tiktoken
+        try:
+            self.bpe = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise UserError(f"could not load tiktoken's GPT-2 encoding ({type(e).__name__}); it is downloaded on "
+                            "first use, or point TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cache") from None
+        self.eot = self.bpe.eot_token  # a BPE model marks the end of a document with <|endoftext|>
+
+    def encode(self, text, what='the text'):
+        if self.meta is None:
+            return self.bpe.encode(text, allowed_special={"<|endoftext|>"})
+        unknown = sorted(set(text) - set(self.meta['stoi']))
+        if unknown:
+            raise UserError(f"{what} contains characters the model has never seen: {''.join(unknown)!r}")
+        return [self.meta['stoi'][c] for c in text]
+
+    def decode(self, ids):
+        return self.bpe.decode(ids) if self.meta is None else ''.join(self.meta['itos'][i] for i in ids)
+
+    def byte_count(self, ids):
+        """How many bytes of UTF-8 text the tokens ids stand for."""
+        if self.meta is None:
+            return sum(len(self.bpe.decode_single_token_bytes(i)) for i in ids)
+        return sum(len(self.meta['itos'][i].encode('utf-8')) for i in ids)
 
 
 # ----------------------------------------------------------------------------- the run directory

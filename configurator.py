@@ -51,14 +51,15 @@ def settings_of(namespace):
 # what every setting must be, for whichever script has it: one table, checked before any work
 RULES = [
     (('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'gradient_accumulation_steps', 'eval_interval',
-      'eval_iters', 'log_interval', 'num_samples', 'max_new_tokens', 'num_steps', 'prompt_tokens'),
+      'eval_iters', 'log_interval', 'num_samples', 'max_new_tokens', 'num_steps', 'prompt_tokens', 'hellaswag_items'),
      lambda v: v >= 1, "1 or more"),
     (('max_iters', 'warmup_iters', 'lr_decay_iters', 'warmup_steps', 'top_k', 'vocab_size', 'seed',
-      'learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'temperature', 'peak_flops'),
+      'learning_rate', 'min_lr', 'muon_lr', 'weight_decay', 'grad_clip', 'temperature', 'peak_flops'),
      lambda v: v >= 0, "0 or more"),
     (('dropout', 'beta1', 'beta2'), lambda v: 0 <= v < 1, "at least 0 and below 1"),
     (('top_p',), lambda v: 0 < v <= 1, "above 0 and at most 1"),
     (('backend',), lambda v: v in ('', 'nccl', 'gloo'), "'' (automatic), nccl or gloo"),
+    (('optimizer',), lambda v: v in ('adamw', 'muon'), "adamw or muon"),
 ]
 # rules between settings, for the scripts that have all the settings named
 JOINT_RULES = [

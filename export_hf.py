@@ -53,7 +53,7 @@ def hf_state_dict(model, hf_keys, vocab_size):
 
 def offline_gpt2_tokenizer():
     """GPT-2's tokenizer if it can be had without network: from the Hugging Face cache, or built from the
-    BPE files tiktoken has cached (TIKTOKEN_CACHE_DIR, or $NANOGPT_DATA_DIR/tiktoken). None otherwise."""
+    BPE files tiktoken has cached (when data/shakespeare/prepare.py or sample.py used them). None otherwise."""
     from transformers import GPT2TokenizerFast
     try:  # (recent transformers return an empty tokenizer instead of failing, hence the length check)
         tokenizer = GPT2TokenizerFast.from_pretrained('gpt2', local_files_only=True)
@@ -61,11 +61,12 @@ def offline_gpt2_tokenizer():
             return tokenizer
     except Exception:
         pass
-    data_dir = os.environ.get('NANOGPT_DATA_DIR')
-    cache_dir = os.environ.get('TIKTOKEN_CACHE_DIR') or (os.path.join(data_dir, 'tiktoken') if data_dir else '')
+    # where tiktoken keeps them, by tiktoken's own rule
+    cache_dir = (os.environ.get('TIKTOKEN_CACHE_DIR') or os.environ.get('DATA_GYM_CACHE_DIR')
+                 or os.path.join(tempfile.gettempdir(), 'data-gym-cache'))
     paths = {name: os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
              for name, url in TIKTOKEN_GPT2_FILES.items()}
-    if not cache_dir or not all(os.path.isfile(p) for p in paths.values()):
+    if not all(os.path.isfile(p) for p in paths.values()):
         return None
     with tempfile.TemporaryDirectory() as tmp:  # from_pretrained wants the files under their usual names
         for name, path in paths.items():
@@ -79,10 +80,15 @@ def main():
     name = checkpoint or ('best.pt' if os.path.exists(os.path.join(out_dir, 'best.pt')) else 'ckpt.pt')
     target = export_dir or os.path.join(out_dir, 'hf')
     ckpt = load_checkpoint(os.path.join(out_dir, name))
-    check_writable(target)
     model = model_from_checkpoint(ckpt, dropout=0.0)
     model.eval()
     cfg = model.config
+    not_gpt2 = [f'{setting}=True' for setting in ('rope', 'qk_norm', 'relu2') if getattr(cfg, setting)]
+    if not_gpt2:
+        raise UserError(f"{os.path.join(out_dir, name)} was trained with {', '.join(not_gpt2)}, which GPT-2's "
+                        "architecture (transformers' GPT2LMHeadModel) does not have; only models trained without "
+                        "them can be exported")
+    check_writable(target)
     bpe = GPT2_VOCAB_SIZE <= cfg.vocab_size <= PADDED_VOCAB_SIZE  # GPT-2's tokens, maybe padded
     vocab_size = GPT2_VOCAB_SIZE if bpe else cfg.vocab_size
     activation = 'gelu_new' if cfg.gelu_approximate == 'tanh' else 'gelu'  # transformers' names for the two
@@ -95,6 +101,9 @@ def main():
     result = hf_model.load_state_dict(hf_state_dict(model, hf_keys, vocab_size), strict=False)
     assert not result.unexpected_keys and all(k.endswith(HF_BUFFERS) for k in result.missing_keys), result
     hf_model.eval()
+    # generate() and pipeline() stop at the context length by default, where the position table ends
+    hf_model.generation_config.max_length = cfg.block_size
+    hf_model.generation_config.pad_token_id = 50256 if bpe else None
 
     # check the export: the same logits as our model on a few tokens
     idx = torch.randint(0, vocab_size, (1, min(cfg.block_size, 16)), generator=torch.Generator().manual_seed(0))

@@ -3,6 +3,7 @@ What the scripts need to know about the machine: the best device, the dtypes it 
 context for mixed precision, and its peak FLOP/s for MFU.
 """
 
+import sys
 import time
 from contextlib import nullcontext
 
@@ -100,6 +101,18 @@ def measured_matmul_flops(device, dtype, n=1024, repeats=5):
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
+
+
+def peak_memory(device):
+    """Peak memory so far: allocated by PyTorch on CUDA, else the whole process's peak resident set."""
+    if device.startswith('cuda'):
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated (torch.cuda)"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return "unknown (no resource module)"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
+    return f"{rss / 2**30:.2f} GiB peak RSS of the process"
 
 
 def sync(device):

@@ -58,7 +58,9 @@ def read_rows(path):
 
 
 def plot_losses(log_path, png_path):
-    """Train and val loss against iterations, learning rate on a second axis; written atomically."""
+    """Train and val loss against iterations, learning rate on a second axis; below them, when logged, the
+    training health: the gradient norm before clipping (clipped steps marked) and the share of steps clipped
+    between evaluations. Written atomically."""
     import matplotlib
     matplotlib.use('Agg')  # files only, no window: works on servers and in notebooks alike
     import matplotlib.pyplot as plt
@@ -67,7 +69,10 @@ def plot_losses(log_path, png_path):
     rows = read_rows(log_path)
     steps = [r for r in rows if 'loss' in r]
     evals = [r for r in rows if 'val_loss' in r]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    norms = [r for r in steps if 'grad_norm' in r]
+    fig, axes = plt.subplots(2 if norms else 1, 1, figsize=(8, 8 if norms else 5), sharex=True, squeeze=False,
+                             gridspec_kw={'height_ratios': [5, 3] if norms else [1]})
+    ax = axes[0, 0]
     if steps:
         ax.plot([r['iter'] for r in steps], [r['loss'] for r in steps], color='tab:blue', alpha=0.4,
                 linewidth=1, label='train loss (per iteration)')
@@ -76,7 +81,6 @@ def plot_losses(log_path, png_path):
                 label='train loss (eval)')
         ax.plot([r['iter'] for r in evals], [r['val_loss'] for r in evals], 'o-', color='tab:orange',
                 label='val loss (eval)')
-    ax.set_xlabel('iteration')
     ax.set_ylabel('loss')
     ax.grid(alpha=0.3)
     lr_rows = steps or evals
@@ -88,6 +92,28 @@ def plot_losses(log_path, png_path):
         lines, labels = ax.get_legend_handles_labels()
         lines2, labels2 = ax2.get_legend_handles_labels()
         ax.legend(lines + lines2, labels + labels2, loc='upper right')
+    if norms:
+        health = axes[1, 0]
+        health.plot([r['iter'] for r in norms], [r['grad_norm'] for r in norms], color='tab:green', linewidth=1,
+                    label='gradient norm before clipping')
+        clipped = [r for r in norms if r.get('clipped')]
+        health.plot([r['iter'] for r in clipped], [r['grad_norm'] for r in clipped], 'x', color='tab:red',
+                    markersize=4, label='clipped step')
+        health.set_yscale('log')
+        health.set_ylabel('gradient norm')
+        health.grid(alpha=0.3)
+        fractions = [r for r in evals if 'clip_fraction' in r]
+        lines, labels = health.get_legend_handles_labels()
+        if fractions:
+            share = health.twinx()
+            share.plot([r['iter'] for r in fractions], [r['clip_fraction'] for r in fractions], 's--',
+                       color='tab:purple', label='share of steps clipped since the last eval')
+            share.set_ylim(-0.05, 1.05)
+            share.set_ylabel('clipped share')
+            more_lines, more_labels = share.get_legend_handles_labels()
+            lines, labels = lines + more_lines, labels + more_labels
+        health.legend(lines, labels, loc='upper right')
+    axes[-1, 0].set_xlabel('iteration')
     fig.tight_layout()
     tmp = png_path + '.tmp.png'
     try:

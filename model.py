@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class LayerNorm(nn.Module):
@@ -59,15 +60,20 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         self.flash = True  # scaled_dot_product_attention; tests switch it off to get the plain reference
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, rotary=None, kv_cache=None):
         B, T, C = x.size()
         # queries, keys and values of all heads from one matmul, viewed as (B, 3, nh, T, hs) without a copy
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(0, 2, 3, 1, 4)
         q, k, v = qkv.unbind(1)
+        if self.qk_norm:  # unit-RMS queries and keys: attention logits cannot blow up
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rotary is not None:  # positions enter as rotations of queries and keys, cached already rotated
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, qkv[:, 1:])
+            k, v = kv_cache.update(self.layer, torch.stack((k, v), dim=1))
         past = k.size(2) - T  # keys of earlier positions, from the cache, before the T new ones
         if self.flash:
             dropout_p = self.dropout if self.training else 0.0
@@ -88,6 +94,21 @@ def causal_mask(T, past, device):
     return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
 
 
+def rotary_tables(block_size, head_size, base=10000.0):
+    """cos and sin (block_size, head_size / 2) of rotary embeddings: RoFormer, https://arxiv.org/abs/2104.09864"""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each pair (x[i], x[i + hs/2]) of x (B, nh, T, hs) by its position's angle: q.k then depends on
+    the positions' difference only."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
 class MLP(nn.Module):
 
     def __init__(self, config):
@@ -95,11 +116,14 @@ class MLP(nn.Module):
         assert config.gelu_approximate in ('none', 'tanh'), f"unknown gelu_approximate '{config.gelu_approximate}'"
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate=config.gelu_approximate)
+        self.relu2 = config.relu2
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        x = self.c_fc(x)
+        x = F.relu(x).square() if self.relu2 else self.gelu(x)  # ReLU² (Primer, https://arxiv.org/abs/2109.08668)
+        return self.dropout(self.c_proj(x))
 
 
 class Block(nn.Module):
@@ -111,9 +135,10 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, rotary=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), rotary, kv_cache)
         return x + self.mlp(self.ln_2(x))
+
 
 
 @dataclass
@@ -128,6 +153,10 @@ class GPTConfig:
     # 'tanh' for GPT-2's weights, which were trained with that approximation; from scratch the exact GELU
     # (as nanoGPT) learns as well and is ~2x cheaper on CPUs
     gelu_approximate: str = 'none'
+    # the faster recipes' options (README "Faster recipes"); the defaults are GPT-2's architecture
+    rope: bool = False  # rotary position embeddings instead of learned ones (no wpe)
+    qk_norm: bool = False  # RMS-normalised queries and keys
+    relu2: bool = False  # ReLU² in the MLP instead of GELU
 
 
 class GPT(nn.Module):
@@ -137,15 +166,22 @@ class GPT(nn.Module):
         assert config.vocab_size is not None
         assert config.block_size is not None
         self.config = config
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.rope:
+            cos, sin = rotary_tables(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer('rope_cos', cos, persistent=False)
+            self.register_buffer('rope_sin', sin, persistent=False)
+        else:
+            modules['wpe'] = nn.Embedding(config.block_size, config.n_embd)  # GPT-2's learned positions
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **modules,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: https://paperswithcode.com/method/weight-tying
+        self.activation_checkpointing = False  # train.py's setting: see forward
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two to the residual stream
         for name, p in self.named_parameters():
@@ -156,7 +192,7 @@ class GPT(nn.Module):
         """Parameter count. The position embeddings are subtracted by default; the token embeddings are
         counted because they are tied to (and so double as) the lm_head weights."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and 'wpe' in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
@@ -173,10 +209,19 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         assert start + t <= self.config.block_size, \
             f"cannot forward a sequence of length {start + t}, block size is only {self.config.block_size}"
-        pos_emb = self.transformer.wpe.weight[start:start + t]  # positions start..start+t-1: a slice, no lookup
-        x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)
+        x = self.transformer.wte(idx)
+        rotary = None
+        if self.config.rope:
+            rotary = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        else:
+            x = x + self.transformer.wpe.weight[start:start + t]  # positions start..start+t-1: a slice, no lookup
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # keep only the block's input; its activations are recomputed (same dropout masks) in backward
+                x = checkpoint(block, x, rotary, use_reentrant=False)
+            else:
+                x = block(x, rotary, kv_cache)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += t
@@ -193,7 +238,10 @@ class GPT(nn.Module):
         """Shrink the context length, e.g. to finetune GPT-2 (1024) on shorter windows."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if self.config.rope:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+        else:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
@@ -222,18 +270,25 @@ class GPT(nn.Module):
                 sd[k].copy_(sd_hf[k].t() if k.endswith(transposed) else sd_hf[k])
         return model
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # weight decay on matrices and embeddings (>= 2-D), none on biases and LayerNorm gains
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay_params = [p for p in params if p.dim() >= 2]
-        nodecay_params = [p for p in params if p.dim() < 2]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon_lr=0.0):
+        """The optimizers, as a list: AdamW for every parameter, or with muon_lr > 0 Muon for the hidden matrices
+        (the blocks' Linear weights) and AdamW for the rest (embeddings, lm_head, gains, biases), as
+        modded-nanogpt and nanochat split them. Each group's peak learning rate is its 'initial_lr'."""
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        hidden = [p for n, p in params if muon_lr and p.dim() == 2 and n.startswith('transformer.h.')]
+        rest = [p for n, p in params if not any(p is h for h in hidden)]
+        # weight decay on matrices and embeddings (>= 2-D), none on biases and norm gains
         optim_groups = [
-            {'params': decay_params, 'weight_decay': weight_decay},
-            {'params': nodecay_params, 'weight_decay': 0.0},
+            {'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay, 'initial_lr': learning_rate},
+            {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0, 'initial_lr': learning_rate},
         ]
         # the fused kernel is one launch for all parameters instead of a dozen per tensor; it exists for CUDA and CPU
         fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
-        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=fused or None)
+        optimizers = [torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=fused or None)]
+        if hidden:  # orthogonalised momentum updates: https://kellerjordan.github.io/posts/muon/
+            optimizers.append(torch.optim.Muon([{'params': hidden, 'initial_lr': muon_lr}], lr=muon_lr,
+                                               weight_decay=weight_decay, adjust_lr_fn='original'))
+        return optimizers
 
     def flops_per_token(self):
         """Forward plus backward FLOPs per token, PaLM paper Appendix B: https://arxiv.org/abs/2204.02311"""

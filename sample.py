@@ -6,13 +6,12 @@ By default it loads out_dir/best.pt (the model with the best validation loss) if
 out_dir/ckpt.pt (the latest); --checkpoint=ckpt.pt picks the latest explicitly.
 """
 
-import os
 import sys
 
 import torch
 from tqdm import tqdm
 
-from checkpoint import dataset_dir, is_pretrained_name, load_checkpoint, load_meta, model_from_checkpoint, pretrained_model
+from checkpoint import Tokenizer, load_model
 from configurator import UserError, configure, report_errors
 from hardware import autocast_context, best_device, check_device
 
@@ -41,57 +40,15 @@ torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ctx = autocast_context(device_type, dtype)
 
-# model
-meta = None
+# model and its vocabulary
+model, meta, loaded = load_model(init_from, out_dir, checkpoint)
 if init_from == 'resume':
-    name = checkpoint or ('best.pt' if os.path.exists(os.path.join(out_dir, 'best.pt')) else 'ckpt.pt')
-    ckpt = load_checkpoint(os.path.join(out_dir, name))
-    model = model_from_checkpoint(ckpt)
-    dataset = ckpt.get('config', {}).get('dataset')
-    meta = ckpt.get('meta') or (load_meta(dataset_dir(dataset)) if dataset else None)  # nanoGPT's lack 'meta'
-    if meta is None and model.config.vocab_size < 50257:
-        raise UserError(f"the checkpoint's model has a {model.config.vocab_size}-token vocabulary but its dataset's "
-                        f"meta.pkl ({dataset_dir(dataset) if dataset else 'no dataset recorded'}) is missing; "
-                        "prepare the dataset again")
-    print(f"loaded {os.path.join(out_dir, name)} (iter {ckpt.get('iter_num', '?')}, "
-          f"best val loss {float(ckpt.get('best_val_loss', float('nan'))):.4f})", file=sys.stderr)
-elif is_pretrained_name(init_from):
-    model = pretrained_model(init_from)
-else:
-    raise UserError(f"unknown init_from '{init_from}': use resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
-                    "or a local directory holding Hugging Face GPT-2 weights")
-model.eval()
+    print(f"loaded {loaded}", file=sys.stderr)
 model.to(device)
 if compile:
     model.forward = torch.compile(model.forward, dynamic=True)  # generate() calls it once per token
-
-# encoding: the dataset's characters if it has a meta.pkl, else GPT-2's BPE
-if meta is not None:
-    stoi, itos = meta['stoi'], meta['itos']
-    stop_token = None
-
-    def encode(s):
-        unknown = sorted(set(s) - set(stoi))
-        if unknown:
-            raise UserError(f"the prompt contains characters the model has never seen: {''.join(unknown)!r}")
-        return [stoi[c] for c in s]
-
-    def decode(ids):
-        return ''.join(itos[i] for i in ids)
-else:
-    import tiktoken
-    try:
-        enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        raise UserError(f"could not load tiktoken's GPT-2 encoding ({type(e).__name__}); it is downloaded on first "
-                        "use, or point TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cache") from None
-    stop_token = enc.eot_token  # a BPE model marks the end of a document with <|endoftext|>
-
-    def encode(s):
-        return enc.encode(s, allowed_special={"<|endoftext|>"})
-
-    def decode(ids):
-        return enc.decode(ids)
+tokenizer = Tokenizer(meta)
+encode, decode, stop_token = tokenizer.encode, tokenizer.decode, tokenizer.eot
 
 # encode the beginning of the prompt
 if start.startswith('FILE:'):
@@ -100,7 +57,7 @@ if start.startswith('FILE:'):
             start = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"could not read the prompt file '{start[5:]}': {getattr(e, 'strerror', None) or e}") from None
-start_ids = encode(start)
+start_ids = encode(start, 'the prompt')
 if not start_ids:
     raise UserError("the prompt is empty; give at least one token with --start=...")
 if len(start_ids) > model.config.block_size:

@@ -27,19 +27,24 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (MODEL_SHAPE_KEYS, dataset_dir, existing_checkpoints, is_pretrained_name, load_checkpoint,
-                        load_meta, load_tokens, lock_out_dir, model_from_checkpoint, new_model, pretrained_model,
-                        read_manifest, save_checkpoint)
+from checkpoint import (Tokenizer, dataset_dir, existing_checkpoints, fixed_settings, is_pretrained_name,
+                        load_checkpoint, load_meta, load_tokens, lock_out_dir, model_from_checkpoint, new_model,
+                        pretrained_model, read_manifest, save_checkpoint)
 from configurator import UserError, check_settings, configure, report_errors, settings_of
-from hardware import autocast_context, best_device, check_device, peak_flops as device_peak_flops
+from hardware import DTYPES, autocast_context, best_device, check_device, peak_flops as device_peak_flops, peak_memory
 from metrics import MetricsLog, WandbRun, plot_losses
 
 report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
@@ -53,6 +58,8 @@ log_interval = 1  # print the training loss every this many iterations
 eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if False, ckpt.pt is only rewritten when val improves (best.pt always holds the best)
+hellaswag = ''  # also score HellaSwag at every evaluation: a hub name ('Rowan/hellaswag') or a local file; '' is off
+hellaswag_items = 500  # how many of HellaSwag's items to score, shared out over the processes
 init_from = 'scratch'  # 'scratch', 'resume', a GPT-2 name ('gpt2' ... 'gpt2-xl') or a local Hugging Face directory
 start_over = False  # True lets a scratch or GPT-2 start delete the checkpoints of an earlier run in out_dir
 # wandb logging
@@ -70,7 +77,13 @@ n_head = 12  # attention heads per block
 n_embd = 768  # width of the residual stream
 dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
 bias = False  # do we use bias inside LayerNorm and Linear layers?
+# the faster recipes' options (README "Faster recipes"); the defaults are GPT-2's architecture, as nanoGPT's
+rope = False  # rotary position embeddings instead of learned ones
+qk_norm = False  # RMS-normalised queries and keys
+relu2 = False  # ReLU² instead of GELU in the MLP
 # adamw optimizer
+optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the blocks' matrices at muon_lr, AdamW for the rest
+muon_lr = 0.02  # Muon's peak learning rate, on the same schedule as learning_rate (optimizer='muon' only)
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
 weight_decay = 1e-1  # AdamW's decoupled weight decay, on matrices and embeddings only
@@ -84,6 +97,8 @@ lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
 min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
 # DDP settings
 backend = ''  # '' picks nccl on CUDA and gloo on CPU; or 'nccl', 'gloo'
+fsdp = False  # under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2), not DDP
+activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory, more time
 # system
 device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the best one this machine has
 dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' on CUDA; 'auto' is bfloat16 where supported, else float16
@@ -100,20 +115,27 @@ if init_from == 'resume':
     # a resumed run continues with its saved settings; what is given now (e.g. a larger max_iters) wins,
     # except the machine-specific ones, which are always this run's
     checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-    machine_keys = {'out_dir', 'init_from', 'start_over', 'device', 'dtype', 'compile', 'backend', 'peak_flops'}
+    machine_keys = {'out_dir', 'init_from', 'start_over', 'device', 'dtype', 'compile', 'backend', 'fsdp',
+                    'activation_checkpointing', 'peak_flops'}
     for k, v in checkpoint.get('config', {}).items():
         if k in config_keys and k not in user_keys and k not in machine_keys and type(v) is type(globals()[k]):
             globals()[k] = v
     check_settings(globals())  # what is given now must fit what was saved (e.g. warmup before decay)
-    for k in MODEL_SHAPE_KEYS:
-        if k in user_keys and globals().get(k) != checkpoint['model_args'][k]:
-            raise UserError(f"{k}={globals()[k]} contradicts the checkpoint's {k}={checkpoint['model_args'][k]}; "
-                            f"a resumed model keeps its shape, so drop --{k}")
+    for k, saved in fixed_settings(checkpoint).items():
+        if k in user_keys and globals()[k] != saved:
+            raise UserError(f"{k}={globals()[k]} contradicts the checkpoint's {k}={saved}; a resumed run keeps "
+                            f"its model and optimizer, so drop --{k}")
 config = {k: globals()[k] for k in config_keys}  # will be useful for logging and checkpoints
 # -----------------------------------------------------------------------------
 
 # various inits, derived attributes, I/O setup
-ddp = int(os.environ.get('RANK', -1)) != -1  # is this a torchrun launch?
+ddp = int(os.environ.get('RANK', -1)) != -1  # is this a torchrun launch? (then DDP, or FSDP with fsdp=True)
+if fsdp and optimizer == 'muon':
+    raise UserError("optimizer=muon orthogonalises whole matrices, which fsdp=True splits over the processes; "
+                    "use optimizer=adamw with FSDP, or DDP (fsdp=False) with Muon")
+if fsdp and not ddp:
+    raise UserError("fsdp=True shards the model over processes: launch with torchrun, e.g. torchrun --standalone "
+                    "--nproc_per_node=8 train.py ...; in one process, drop --fsdp")
 if ddp:
     ddp_rank = int(os.environ['RANK'])
     ddp_local_rank = int(os.environ['LOCAL_RANK'])
@@ -128,6 +150,8 @@ else:
     ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
 master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
 device_type, dtype = check_device(device, dtype)
+if fsdp and dtype == 'float16':
+    raise UserError("fsdp=True has no gradient scaler for float16 here; use --dtype=bfloat16 (or float32)")
 if master_process and not eval_only:
     # one run per out_dir, and an earlier run's checkpoints are never replaced by a new start by accident
     out_dir_lock = lock_out_dir(out_dir)  # held until this process ends
@@ -150,7 +174,8 @@ micro_steps = gradient_accumulation_steps // ddp_world_size  # per process
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
-ctx = autocast_context(device_type, dtype)
+# mixed precision: autocast, or under FSDP its own policy (parameters cast to dtype for compute, see below)
+ctx = nullcontext() if fsdp else autocast_context(device_type, dtype)
 
 # data: train.bin and val.bin are uint16 token ids, read through memmaps so they never need to fit in memory
 data_dir = dataset_dir(dataset)
@@ -221,7 +246,8 @@ if init_from == 'scratch':
     if master_process:
         print("Initializing a new model from scratch")
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                      vocab_size=meta_vocab_size or 50304, dropout=dropout)  # 50304: GPT-2's 50257, padded
+                      vocab_size=meta_vocab_size or 50304, dropout=dropout,  # 50304: GPT-2's 50257, padded
+                      rope=rope, qk_norm=qk_norm, relu2=relu2)
     model = new_model(model_args, "the settings")
 elif init_from == 'resume':
     if master_process:
@@ -245,17 +271,39 @@ if data_vocab_size and data_vocab_size > model.config.vocab_size:
                     f"{model.config.vocab_size}; train from scratch on it instead")
 model_args = asdict(model.config)  # all of GPTConfig: sample.py and resume rebuild the same model
 model.to(device)
+model.activation_checkpointing = activation_checkpointing
+if fsdp:
+    # each block's parameters are gathered for its forward and backward only; the root holds the rest (embeddings,
+    # final norm, the tied lm_head). Compute in dtype, gradients reduced in float32.
+    mp_policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy)
+if hellaswag:  # loaded and encoded now, so that a missing file or an unknown character fails before training
+    from eval import hellaswag_accuracy, hellaswag_item, hellaswag_scores, load_items
+    tokenizer = Tokenizer(meta)
+    hellaswag_set = load_items(hellaswag, 'validation', ('ctx', 'endings', 'label'), 'hellaswag', hellaswag_items)
+    for item in hellaswag_set:
+        hellaswag_item(tokenizer, item, block_size)
 
 # initialize a GradScaler. If enabled=False scaler is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
+                                        muon_lr=muon_lr if optimizer == 'muon' else 0.0)
 if init_from == 'resume':
-    group_settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    for group, settings in zip(optimizer.param_groups, group_settings):
+    settings_now = [{k: v for k, v in group.items() if k != 'params'} for opt in optimizers for group in opt.param_groups]
+    # the full state of any of our checkpoints, sharded under FSDP; or nanoGPT's, keyed by index, not by name
+    by_index = any(isinstance(k, int) for k in checkpoint['optimizer']['state'])
+    if fsdp and by_index:
+        raise UserError("this checkpoint's optimizer state is keyed by index (nanoGPT's format), which FSDP cannot "
+                        "shard; resume it once without --fsdp (one process or DDP), then under FSDP")
+    set_optimizer_state_dict(model, optimizers, checkpoint['optimizer'],
+                             options=StateDictOptions(full_state_dict=fsdp))
+    for group, settings in zip([group for opt in optimizers for group in opt.param_groups], settings_now):
         group.update(settings)  # the state is restored, the settings (weight_decay, betas...) are this run's
     if 'scaler' in checkpoint:
         scaler.load_state_dict(checkpoint['scaler'])
+param_groups = [group for opt in optimizers for group in opt.param_groups]  # (loading a state replaces them)
 resumed_at = iter_num if init_from == 'resume' else None  # its evaluation happened before the checkpoint
 saved_at = resumed_at  # the iteration that ckpt.pt holds
 
@@ -263,8 +311,8 @@ if compile:
     if master_process:
         print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)
-train_model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None) if ddp else model
-raw_model = train_model.module if ddp else model
+train_model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None) if ddp and not fsdp else model
+raw_model = train_model.module if isinstance(train_model, DDP) else model
 raw_model = getattr(raw_model, '_orig_mod', raw_model)  # unwrap torch.compile too
 
 
@@ -275,18 +323,36 @@ def estimate_loss():
     model.eval()
     for split_index, split in enumerate(('train', 'val')):
         totals = torch.zeros(2, device=device)  # loss sum, batch count
-        batches = range(ddp_rank, eval_iters, ddp_world_size)
+        # every process runs as many batches (FSDP's forward is a collective); those past eval_iters do not count
+        batches = range(ddp_rank, math.ceil(eval_iters / ddp_world_size) * ddp_world_size, ddp_world_size)
         # a progress bar where it helps: on the master's terminal (none when output goes to a file)
         for k in tqdm(batches, desc=f'eval {split}', leave=False, disable=None if master_process else True):
             X, Y = get_batch(split, [seed, 1 + split_index, k])
             with ctx:
                 _, loss = model(X, Y)
-            totals += torch.stack((loss.float(), torch.ones((), device=device)))
+            counts = float(k < eval_iters)
+            totals += torch.stack((loss.float() * counts, torch.tensor(counts, device=device)))
         if ddp:
             dist.all_reduce(totals)
         out[split] = (totals[0] / totals[1]).item()
     model.train()
     return out
+
+
+@torch.no_grad()
+def estimate_hellaswag():
+    """acc and acc_norm on the HellaSwag items, shared out over the processes (scored uncompiled: the
+    sequences have every length)."""
+    raw_model.eval()
+    items = hellaswag_set[ddp_rank::ddp_world_size]
+    padding = items[:1] * (math.ceil(len(hellaswag_set) / ddp_world_size) - len(items)) if fsdp else []  # see estimate_loss
+    scores = hellaswag_scores(raw_model, tokenizer, items + padding, ctx, progress=master_process)[:len(items)]
+    raw_model.train()
+    mine = hellaswag_accuracy(scores) if scores else {'acc': 0.0, 'acc_norm': 0.0, 'n': 0}
+    totals = torch.tensor([mine['acc'] * mine['n'], mine['acc_norm'] * mine['n'], mine['n']], device=device)
+    if ddp:
+        dist.all_reduce(totals)
+    return {'acc': (totals[0] / totals[2]).item(), 'acc_norm': (totals[1] / totals[2]).item()}
 
 
 def get_lr(it):
@@ -300,13 +366,19 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def checkpoint_state(with_optimizer=True):
+def save(name, with_optimizer=True):
+    """Write out_dir/name: the full, unsharded state whatever the mode, so that any mode resumes it. Under FSDP
+    every process must call this (the shards are gathered into the master's memory), else only the master."""
+    if not (fsdp or master_process):
+        return
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     # the vocabulary travels with the model, so sampling needs no dataset folder (e.g. after a Colab reset)
-    state = {'model': raw_model.state_dict(), 'model_args': model_args, 'iter_num': iter_num,
+    state = {'model': get_model_state_dict(raw_model, options=full), 'model_args': model_args, 'iter_num': iter_num,
              'best_val_loss': best_val_loss, 'config': config, 'wandb_run_id': wandb_run.run_id, 'meta': meta}
     if with_optimizer:
-        state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
-    return state
+        state.update(optimizer=get_optimizer_state_dict(raw_model, optimizers, options=full), scaler=scaler.state_dict())
+    if master_process:
+        save_checkpoint(state, os.path.join(out_dir, name))
 
 
 # stop cleanly on Ctrl-C (SIGINT) or a cluster's pre-emption notice (SIGTERM): finish the step, save, exit
@@ -337,6 +409,16 @@ def should_stop():
     return bool(flag.item())
 
 
+def held_memory():
+    """The MiB of parameters, gradients and optimizer state this process holds (under FSDP: its shards)."""
+    def mib(tensors):
+        return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors) / 2**20
+    params = list(raw_model.parameters())
+    state = [t for opt in optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    return (f"parameters {mib(params):,.1f} MiB, gradients {mib(p.grad for p in params if p.grad is not None):,.1f} "
+            f"MiB, optimizer state {mib(state):,.1f} MiB")
+
+
 def nonfinite_loss_error(value, where):
     return (f"the {where} is {value} at iter {iter_num}; training stopped and the last checkpoint was kept. "
             "Usual fixes: a lower learning_rate, dtype=bfloat16 instead of float16, or grad_clip=1.0")
@@ -360,40 +442,55 @@ X, Y = get_batch('train', train_key(iter_num, ddp_rank * micro_steps))  # fetch 
 t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
 running_mfu = None  # model FLOPs utilization, measured once the loop has settled
+clipped_steps, steps_since_eval = torch.zeros((), device=device), 0  # how often grad_clip acted since the last eval
 while True:
     # determine and set the learning rate for this iteration
     lr = get_lr(iter_num) if decay_lr else learning_rate
-    for param_group in optimizer.param_groups:
-        param_group['lr'] = lr
+    for group in param_groups:  # every group's own peak (Muon's is muon_lr) on the same schedule
+        group['lr'] = lr if group['initial_lr'] == learning_rate else group['initial_lr'] * lr / learning_rate
 
     # evaluate the loss on train/val sets and write checkpoints
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at or eval_only:
         losses = estimate_loss()
         if not all(math.isfinite(v) for v in losses.values()):
             raise UserError(nonfinite_loss_error(losses, 'evaluation loss'))
+        scores = estimate_hellaswag() if hellaswag else {}
+        clip_fraction = clipped_steps.item() / steps_since_eval if steps_since_eval and grad_clip else None
+        clipped_steps.zero_()
+        steps_since_eval = 0
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            metrics.log(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr)
-            wandb_run.log(iter_num, {'val/loss': losses['val'], 'train/eval_loss': losses['train']})
+            if scores:
+                print(f"step {iter_num}: hellaswag acc_norm {scores['acc_norm']:.4f}, acc {scores['acc']:.4f} "
+                      f"({len(hellaswag_set)} items)")
+            metrics.log(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr,
+                        clip_fraction=clip_fraction, hellaswag_acc_norm=scores.get('acc_norm'),
+                        hellaswag_acc=scores.get('acc'))
+            wandb_run.log(iter_num, {'val/loss': losses['val'], 'train/eval_loss': losses['train'],
+                                     'train/clip_fraction': clip_fraction, 'hellaswag/acc_norm': scores.get('acc_norm'),
+                                     'hellaswag/acc': scores.get('acc')})
         improved = losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
-        if master_process and iter_num > 0 and not eval_only:
+        if iter_num > 0 and not eval_only:  # the same decisions on every process: losses are all-reduced
             if improved:
-                save_checkpoint(checkpoint_state(with_optimizer=False), os.path.join(out_dir, 'best.pt'))
+                save('best.pt', with_optimizer=False)
             if improved or always_save_checkpoint:
-                print(f"saving checkpoint to {out_dir}")
-                save_checkpoint(checkpoint_state(), os.path.join(out_dir, 'ckpt.pt'))
+                if master_process:
+                    print(f"saving checkpoint to {out_dir}")
+                save('ckpt.pt')
                 saved_at = iter_num
-            plot_losses(metrics.path, os.path.join(out_dir, 'loss.png'))
+            if master_process:
+                plot_losses(metrics.path, os.path.join(out_dir, 'loss.png'))
     if eval_only:
         break
     if iter_num >= max_iters or should_stop():
         if local_iter_num > 0 and not math.isfinite(lossf := loss_sum.item()):
             raise UserError(nonfinite_loss_error(lossf, 'training loss'))
-        if master_process and local_iter_num > 0 and saved_at != iter_num:
-            save_checkpoint(checkpoint_state(), os.path.join(out_dir, 'ckpt.pt'))
+        if local_iter_num > 0 and saved_at != iter_num:
+            save('ckpt.pt')
             saved_at = iter_num
-            plot_losses(metrics.path, os.path.join(out_dir, 'loss.png'))
+            if master_process:
+                plot_losses(metrics.path, os.path.join(out_dir, 'loss.png'))
         if master_process and iter_num < max_iters:
             saved = (f"checkpoint saved in {os.path.join(out_dir, 'ckpt.pt')}. Resume with the same command plus "
                      "--init_from=resume") if saved_at == iter_num else "nothing was trained, so nothing was saved"
@@ -403,24 +500,35 @@ while True:
     loss_sum = torch.zeros((), device=device)
     # forward backward update, with optional gradient accumulation to simulate larger batch size
     for micro_step in range(micro_steps):
-        if ddp:
-            # only sync gradients at the last micro step, instead of after every one
-            train_model.require_backward_grad_sync = (micro_step == micro_steps - 1)
+        last_micro_step = micro_step == micro_steps - 1
+        if fsdp:  # reduce-scatter the gradients after the last micro step only, holding them unsharded until then
+            raw_model.set_requires_gradient_sync(last_micro_step)
+        elif ddp:  # only sync gradients at the last micro step, instead of after every one
+            train_model.require_backward_grad_sync = last_micro_step
         torch.manual_seed(dropout_seed(iter_num, ddp_rank * micro_steps + micro_step))
         with ctx:
             _, loss = train_model(X, Y)
             loss = loss / micro_steps  # scale the loss to account for gradient accumulation
         # immediately async prefetch next batch while model is doing the forward pass on the GPU
-        last = micro_step == micro_steps - 1
-        X, Y = get_batch('train', train_key(iter_num + last, ddp_rank * micro_steps + (0 if last else micro_step + 1)))
+        next_step, next_micro_step = (iter_num + 1, 0) if last_micro_step else (iter_num, micro_step + 1)
+        X, Y = get_batch('train', train_key(next_step, ddp_rank * micro_steps + next_micro_step))
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
+    grad_norm = None
     if grad_clip != 0.0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)  # skips the step (and lowers the scale) if float16 gradients overflowed
+        for opt in optimizers:
+            scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # the norm before clipping
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP: from the shards
+        clipped_steps += grad_norm > grad_clip
+    steps_since_eval += 1
+    for opt in optimizers:
+        scaler.step(opt)  # skips the step (and lowers the scale) if float16 gradients overflowed
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)  # flush the gradients as soon as we can, no need for this memory anymore
+    if local_iter_num == 0 and master_process:  # what training holds, once all of it exists
+        print(f"memory per process: {held_memory()}, peak {peak_memory(device)}")
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)  # flush the gradients as soon as we can, no need for this memory anymore
 
     # timing and logging
     t1 = time.time()
@@ -439,8 +547,11 @@ while True:
             mfu_percent = None if running_mfu is None else running_mfu * 100
             mfu_shown = '' if mfu_percent is None else f", mfu {mfu_percent:.2f}%"
             print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms{mfu_shown}")
-            metrics.log(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, mfu=mfu_percent)
-            wandb_run.log(iter_num, {'train/loss': lossf, 'lr': lr, 'mfu': mfu_percent})
+            norm = None if grad_norm is None else grad_norm.item()  # training health, beside the log line
+            clipped = None if norm is None else norm > grad_clip
+            metrics.log(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, mfu=mfu_percent, grad_norm=norm,
+                        clipped=clipped)
+            wandb_run.log(iter_num, {'train/loss': lossf, 'lr': lr, 'mfu': mfu_percent, 'train/grad_norm': norm})
     iter_num += 1
     local_iter_num += 1
 

@@ -69,7 +69,7 @@ class OursStep:
 
     def __init__(self, path, compiled=False, gelu_approximate='none'):
         self.raw_model = make_model(gelu_approximate)
-        self.optimizer = self.raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), 'cpu')
+        [self.optimizer] = self.raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), 'cpu')
         self.model = torch.compile(self.raw_model) if compiled else self.raw_model
         self.data = np.memmap(path, dtype=np.uint16, mode='r')
         self.offsets = np.arange(block_size + 1)

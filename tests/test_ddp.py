@@ -7,6 +7,7 @@ The oracle is an ordinary single-process run of train.py: the examples of optimi
 torchrun is started as `python -m torch.distributed.run` so the test uses the same interpreter and torch.
 """
 
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,9 @@ from collections import Counter
 import pytest
 import torch
 
-from scripts import REPO_ROOT, TINY, args_of, eval_losses, iter_losses, prepare_char_dataset, script_env, train
+from checkpoint import load_checkpoint, model_from_checkpoint
+from scripts import (REPO_ROOT, TINY, args_of, assert_one_line_error, eval_losses, iter_losses, prepare_char_dataset,
+                     run_script, script_env, train)
 
 pytestmark = pytest.mark.slow
 
@@ -96,26 +99,48 @@ def dataset(tmp_path_factory, small_text):
 
 
 @pytest.fixture(scope='module')
-def reference(dataset, tmp_path_factory):
+def hellaswag(tmp_path_factory, small_text):
+    """A HellaSwag-format file of 9 items whose text uses only the characters the char model knows."""
+    lines = [line for line in small_text.splitlines() if len(line) > 10]
+    path = tmp_path_factory.mktemp('hellaswag') / 'hellaswag.jsonl'
+    with open(path, 'w') as f:
+        for i in range(9):
+            f.write(json.dumps({'ctx': lines[5 * i], 'endings': lines[5 * i + 1:5 * i + 5], 'label': str(i % 4)}) + '\n')
+    return str(path)
+
+
+def hellaswag_lines(stdout):
+    return re.findall(r'^step (\d+): hellaswag acc_norm ([\d.]+), acc ([\d.]+) \(9 items\)$', stdout, re.M)
+
+
+@pytest.fixture(scope='module')
+def reference(dataset, hellaswag, tmp_path_factory):
     """stdout of an uninterrupted single-process run of SETTINGS (16 iterations)."""
-    stdout = single_process(dataset=dataset, out_dir=str(tmp_path_factory.mktemp('reference'))).stdout
+    stdout = single_process(dataset=dataset, out_dir=str(tmp_path_factory.mktemp('reference')),
+                            hellaswag=hellaswag).stdout
     assert sorted(iter_losses(stdout)) == list(range(16)) and sorted(eval_losses(stdout)) == [0, 4, 8, 12, 16]
     return stdout
 
 
 @pytest.fixture(scope='module')
-def ddp_to_8(dataset, tmp_path_factory):
+def ddp_to_8(dataset, hellaswag, tmp_path_factory):
     """A two-process run to iter 8: (its output, its out_dir). Tests that resume from it copy the out_dir."""
     out_dir = str(tmp_path_factory.mktemp('ddp_to_8'))
-    return two_processes(dataset=dataset, out_dir=out_dir, max_iters=8), out_dir
+    return two_processes(dataset=dataset, out_dir=out_dir, max_iters=8, hellaswag=hellaswag), out_dir
 
 
 def test_ddp_two_processes_match_single_process(ddp_to_8, reference):
     proc, out_dir = ddp_to_8
     assert_same_losses(proc.stdout, reference, iters=range(8), steps=[0, 4, 8])
+    # HellaSwag during training: the items shared out over the two processes, the same accuracy as one process
+    shared, alone = hellaswag_lines(proc.stdout), hellaswag_lines(reference)
+    assert [step for step, *_ in shared] == ['0', '4', '8'] and shared == alone[:3]
+    # the settings are echoed once, by rank 0, not once per process
+    echoed = [line for line in proc.stderr.splitlines() if line.startswith('Overriding: ')]
+    assert len(echoed) == len(set(echoed)) == len(dict(SETTINGS, dataset=1, out_dir=1, max_iters=1, hellaswag=1))
     # only rank 0 prints and saves: every line once, one 'saving checkpoint' per evaluation after step 0
     for kind, expected in (('iter', list(range(8))), ('step', [0, 4, 8])):
-        counts = Counter(int(n) for n in re.findall(rf'^{kind} (\d+):', proc.stdout, re.M))
+        counts = Counter(int(n) for n in re.findall(rf'^{kind} (\d+): (?:loss|train loss)', proc.stdout, re.M))
         assert sorted(counts) == expected and set(counts.values()) == {1}, f"'{kind} N:' lines: {counts}"
     assert proc.stdout.count('saving checkpoint') == 2, proc.stdout
     # one complete ckpt.pt holding the last step, and no temp file of a second writer left behind
@@ -195,11 +220,12 @@ def test_indivisible_gradient_accumulation_fails_clearly_on_every_rank(dataset, 
     assert not out_dir.exists(), "nothing should be written before the check"
 
 
-def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(dataset, tmp_path):
+@pytest.mark.parametrize('mode', ['ddp', 'fsdp'])
+def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(dataset, tmp_path, mode):
     """A pre-emption notice reaching one worker stops every worker after the same step, with one checkpoint."""
     out_dir = tmp_path / 'out'
     proc = start_torchrun(['--standalone', '--nproc_per_node=2'], dataset=dataset, out_dir=out_dir,
-                          max_iters=100_000, eval_interval=100_000)
+                          max_iters=100_000, eval_interval=100_000, fsdp=mode == 'fsdp')
     try:
         for line in proc.stdout:  # wait until training is under way
             if line.startswith('iter 3:'):
@@ -213,5 +239,65 @@ def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(dataset, tmp_path)
             os.killpg(proc.pid, signal.SIGKILL)
     stopped = re.findall(r'stopped by (.+?) at iter (\d+)', result.stdout)
     assert len(stopped) == 1, result.stdout[-2000:]
-    checkpoint = torch.load(out_dir / 'ckpt.pt', weights_only=True)
+    checkpoint = load_checkpoint(str(out_dir / 'ckpt.pt'))
     assert checkpoint['iter_num'] == int(stopped[0][1]) == max(iter_losses(line + result.stdout)) + 1
+    model_from_checkpoint(checkpoint)  # complete: every weight, whole
+
+
+# ----------------------------------------------------------------------------- FSDP
+
+@pytest.fixture(scope='module')
+def fsdp_to_8(dataset, hellaswag, tmp_path_factory):
+    """A two-process FSDP run (with activation checkpointing) to iter 8: (its output, its out_dir)."""
+    out_dir = str(tmp_path_factory.mktemp('fsdp_to_8'))
+    return two_processes(dataset=dataset, out_dir=out_dir, max_iters=8, fsdp=True, activation_checkpointing=True,
+                         hellaswag=hellaswag), out_dir
+
+
+def test_fsdp_two_processes_match_single_process(fsdp_to_8, reference):
+    proc, out_dir = fsdp_to_8
+    assert_same_losses(proc.stdout, reference, iters=range(8), steps=[0, 4, 8])
+    assert hellaswag_lines(proc.stdout) == hellaswag_lines(reference)[:3]  # 9 items: 5 and 4 (+1 unscored)
+    assert proc.stdout.count('saving checkpoint') == 2 and proc.stdout.count('memory per process:') == 1
+    # one checkpoint of the whole model and optimizer, as a single process writes it
+    checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    model = model_from_checkpoint(checkpoint)
+    names = {n for n, _ in model.named_parameters()}
+    assert set(checkpoint['optimizer']['state']) == names  # every parameter's state, whole, by name
+    for name, p in model.named_parameters():
+        assert checkpoint['optimizer']['state'][name]['exp_avg'].shape == p.shape
+
+
+@pytest.mark.parametrize('resume_as', ['1 process', '2 FSDP processes'])
+def test_fsdp_checkpoint_resumes_in_either_mode_on_the_same_curve(resume_as, fsdp_to_8, dataset, reference, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    shutil.copytree(fsdp_to_8[1], out_dir)
+    resume = dict(dataset=dataset, out_dir=out_dir, init_from='resume', max_iters=16)
+    proc = single_process(**resume) if resume_as == '1 process' else two_processes(**resume, fsdp=True)
+    assert_same_losses(proc.stdout, reference, iters=range(8, 16), steps=[12, 16])
+
+
+def test_ddp_checkpoint_resumes_under_fsdp_on_the_same_curve(ddp_to_8, dataset, reference, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    shutil.copytree(ddp_to_8[1], out_dir)
+    proc = two_processes(dataset=dataset, out_dir=out_dir, init_from='resume', max_iters=16, fsdp=True)
+    assert_same_losses(proc.stdout, reference, iters=range(8, 16), steps=[12, 16])
+
+
+def test_fsdp_checkpoint_samples_and_exports(fsdp_to_8, tmp_path):
+    from transformers import GPT2LMHeadModel
+    out_dir = fsdp_to_8[1]
+    sample = run_script('sample.py', f'--out_dir={out_dir}', '--device=cpu', '--num_samples=1', '--max_new_tokens=20')
+    assert len(sample.stdout.split('\n---------------\n')[0]) == 1 + 20
+    run_script('export_hf.py', f'--out_dir={out_dir}', f'--export_dir={tmp_path / "hf"}')  # checks logits itself
+    assert GPT2LMHeadModel.from_pretrained(str(tmp_path / 'hf')).config.n_layer == SETTINGS['n_layer']
+
+
+@pytest.mark.parametrize('settings, message', [
+    (dict(fsdp=True), 'launch with torchrun'),
+    (dict(fsdp=True, optimizer='muon'), 'optimizer=muon orthogonalises whole matrices'),
+])
+def test_fsdp_that_cannot_work_stops_with_one_line(dataset, tmp_path, settings, message):
+    proc = train(**dict(SETTINGS, dataset=dataset, out_dir=str(tmp_path / 'out'), check=False, **settings))
+    assert message in assert_one_line_error(proc)
+    assert not (tmp_path / 'out').exists()

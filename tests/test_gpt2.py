@@ -9,56 +9,48 @@ import sys
 import pytest
 import torch
 
-from scripts import REPO_ROOT, TINY, args_of, assert_one_line_error, iter_losses, run_script, script_env, train
+from scripts import REPO_ROOT, TINY, args_of, assert_one_line_error, iter_losses, run_script, script_env
 
 
-@pytest.fixture
-def tiny_gpt2_dir(tmp_path):
-    """A small random GPT-2 with the real 50257-token vocabulary, saved the way the hub serves GPT-2."""
+@pytest.fixture(scope='module')
+def finetuned(tmp_path_factory, small_text):
+    """config/finetune_shakespeare_cpu.py's run (block_size 128) from a small random GPT-2 with the real
+    50257-token vocabulary and a 128-token context, on small_text prepared by data/shakespeare/prepare.py:
+    the finetune's out_dir."""
     from transformers import GPT2Config, GPT2LMHeadModel
+    if not os.environ.get('TIKTOKEN_CACHE_DIR'):
+        pytest.skip("tiktoken's GPT-2 BPE files not found: set TIKTOKEN_CACHE_DIR to tiktoken's cache")
+    root = tmp_path_factory.mktemp('finetune')
     torch.manual_seed(0)
-    config = GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0)
-    path = tmp_path / 'tiny-gpt2'
-    GPT2LMHeadModel(config).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture
-def bpe_dataset(tmp_path, small_text, tiktoken_cache):
-    """data/shakespeare/prepare.py (the real script, copied) run on the small test text."""
-    data_dir = tmp_path / 'data' / 'shakespeare'
-    (tmp_path / 'text.txt').write_text(small_text, encoding='utf-8')
+    GPT2LMHeadModel(GPT2Config(n_positions=128, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                               attn_pdrop=0.0)).save_pretrained(root / 'tiny-gpt2')
+    (root / 'text.txt').write_text(small_text, encoding='utf-8')
     subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'data', 'shakespeare', 'prepare.py'),
-                    f'--input={tmp_path / "text.txt"}', f'--out_dir={data_dir}'],
+                    f'--input={root / "text.txt"}', f'--out_dir={root / "data"}'],
                    check=True, capture_output=True, env=script_env())
-    return str(data_dir)
-
-
-def finetune_settings(init_from, dataset, out_dir):
-    return dict(init_from=init_from, dataset=dataset, out_dir=out_dir, block_size=32, max_iters=6,
-                eval_interval=3, learning_rate=1e-3)
+    out_dir = str(root / 'out-shakespeare-cpu')
+    proc = run_script('train.py', 'config/finetune_shakespeare_cpu.py', f'--init_from={root / "tiny-gpt2"}',
+                      f'--dataset={root / "data"}', f'--out_dir={out_dir}', '--max_iters=4', '--eval_interval=2',
+                      '--learning_rate=1e-3', '--device=cpu')
+    assert 'Initializing from GPT-2 weights' in proc.stdout
+    assert sorted(iter_losses(proc.stdout)) == list(range(4))
+    return out_dir
 
 
 @pytest.mark.slow
-def test_cpu_finetune_from_local_gpt2_then_sample_decodes_with_tiktoken(tmp_path, tiny_gpt2_dir, bpe_dataset):
+def test_cpu_finetune_from_local_gpt2_then_sample_decodes_with_tiktoken(finetuned):
     import tiktoken
     from checkpoint import load_checkpoint, model_from_checkpoint
-    out_dir = str(tmp_path / 'out')
-    proc = train(**finetune_settings(tiny_gpt2_dir, bpe_dataset, out_dir))
-    assert 'Initializing from GPT-2 weights' in proc.stdout
-    assert sorted(iter_losses(proc.stdout)) == list(range(6))
-    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-    assert ckpt['model_args']['vocab_size'] == 50257 and ckpt['model_args']['block_size'] == 32
+    ckpt = load_checkpoint(os.path.join(finetuned, 'ckpt.pt'))
+    assert ckpt['model_args']['vocab_size'] == 50257 and ckpt['model_args']['block_size'] == 128
     assert ckpt['model_args']['gelu_approximate'] == 'tanh'  # GPT-2's GELU survives into the checkpoint
 
     prompt = 'KING:\nThe crown'
-    sample = run_script('sample.py', f'--out_dir={out_dir}', '--device=cpu', '--num_samples=1',
+    sample = run_script('sample.py', f'--out_dir={finetuned}', '--device=cpu', '--num_samples=1',
                         '--max_new_tokens=20', '--temperature=0', f'--start={prompt}')
     # oracle: greedy decoding of the same checkpoint in this process, decoded with tiktoken's GPT-2 BPE
     enc = tiktoken.get_encoding('gpt2')
-    name = 'best.pt' if os.path.exists(os.path.join(out_dir, 'best.pt')) else 'ckpt.pt'
-    model = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, name))).eval()
+    model = model_from_checkpoint(load_checkpoint(os.path.join(finetuned, 'best.pt'))).eval()
     x = torch.tensor([enc.encode(prompt)])
     y = model.generate(x, 20, temperature=0, stop_token=enc.eot_token)[0, x.size(1):].tolist()
     if enc.eot_token in y:
@@ -66,20 +58,33 @@ def test_cpu_finetune_from_local_gpt2_then_sample_decodes_with_tiktoken(tmp_path
     assert sample.stdout.split('---------------')[0] == prompt + enc.decode(y) + '\n'
 
 
+def readme_line(start):
+    with open(os.path.join(REPO_ROOT, 'README.md'), encoding='utf-8') as f:
+        [line] = [line.strip() for line in f if line.startswith(start)]
+    return line
+
+
 @pytest.mark.slow
-def test_export_after_training_matches_transformers_logits(tmp_path, tiny_gpt2_dir, bpe_dataset):
-    from transformers import GPT2LMHeadModel
-    from checkpoint import load_checkpoint, model_from_checkpoint
-    out_dir, export_dir = str(tmp_path / 'out'), str(tmp_path / 'hf')
-    train(**finetune_settings(tiny_gpt2_dir, bpe_dataset, out_dir))
-    run_script('export_hf.py', f'--out_dir={out_dir}', f'--export_dir={export_dir}')
-    ours = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, 'best.pt'))).eval()
-    theirs = GPT2LMHeadModel.from_pretrained(export_dir).eval()
-    idx = torch.randint(0, 50257, (2, 32))
-    with torch.no_grad():
-        expected, _ = ours(idx, targets=idx)  # with targets: logits at every position
-        got = theirs(idx).logits
-    assert (got - expected[..., :got.size(-1)]).abs().max().item() <= 1e-5
+def test_the_readmes_export_and_pipeline_lines_work_offline_for_the_cpu_finetune(finetuned, tmp_path):
+    # the README's two lines, exactly, run where out-shakespeare-cpu is, with no network
+    shutil.copytree(finetuned, tmp_path / 'out-shakespeare-cpu')
+    env = script_env(HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1, HF_HOME=tmp_path / 'hf-home')
+    export = readme_line('python export_hf.py --out_dir=out-shakespeare-cpu')
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'export_hf.py'), *export.split()[2:]], cwd=tmp_path,
+                   env=env, check=True, capture_output=True)
+    assert (tmp_path / 'gpt2-shakespeare' / 'tokenizer.json').exists()
+    pipeline_line = readme_line('python -c "from transformers import pipeline')
+    proc = subprocess.run(pipeline_line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith('To be') and len(proc.stdout) > len('To be') + 20
+    assert 'IndexError' not in proc.stderr
+    # with no length given, generation stops at the export's context of 128 tokens, not in an IndexError
+    default = subprocess.run([sys.executable, '-c', "from transformers import pipeline; p = pipeline('text-generation', "
+                              "model='gpt2-shakespeare'); print(len(p('To be', return_tensors=True)[0]"
+                              "['generated_token_ids']))"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert default.returncode == 0, default.stderr[-3000:]
+    assert int(default.stdout.split()[-1]) <= 128
 
 
 # written by upstream nanoGPT's own train.py (karpathy/nanoGPT at commit 3adf61e) on a CPU, in its checkout, with

@@ -217,8 +217,8 @@ def test_crop_block_size_keeps_logits_and_refuses_longer_input():
 
 def test_configure_optimizers_decays_matrices_only_and_uses_fused_adamw_on_cpu():
     model = tiny_model()
-    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95),
-                                           device_type='cpu')
+    [optimizer] = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95),
+                                             device_type='cpu')
     decay, no_decay = optimizer.param_groups
     assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
     params = list(model.parameters())  # each tied parameter once
@@ -581,3 +581,139 @@ def test_sample_next_temperature_sharpens_distribution():
     for t, share in share_of_top.items():
         expected = 1 / (1 + math.exp(-1 / t))
         assert abs(share - expected) < 0.02, (t, share, expected)
+
+
+# ----------------------------------------------------------------------------- the faster recipes' options
+
+RECIPE = dict(rope=True, qk_norm=True, relu2=True)
+
+
+def test_rotary_attention_scores_depend_only_on_relative_position():
+    from model import apply_rotary, rotary_tables
+    cos, sin = rotary_tables(64, 16)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(i, j):  # query at position i, key at position j
+        return (apply_rotary(q, cos[i:i + 1], sin[i:i + 1]) * apply_rotary(k, cos[j:j + 1], sin[j:j + 1])).sum()
+
+    for i, j in ((5, 2), (9, 9), (3, 7)):
+        for shift in (1, 20, 50):
+            torch.testing.assert_close(score(i + shift, j + shift), score(i, j), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(score(5, 2), score(5, 3), atol=1e-3)  # the distance itself does matter
+    torch.testing.assert_close(apply_rotary(q, cos[:1], sin[:1]), q)  # position 0 is no rotation
+
+
+def test_a_rotary_model_has_no_position_table_and_its_logits_stay_causal():
+    model = tiny_model(rope=True).eval()
+    assert 'wpe' not in model.transformer
+    idx = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 50
+    with torch.no_grad():
+        torch.testing.assert_close(all_logits(model, idx)[:, :8], all_logits(model, changed)[:, :8])
+
+
+@pytest.mark.parametrize('setting', [*RECIPE, 'all'])
+def test_cached_generation_equals_uncached_past_block_size_with_each_recipe_setting(setting):
+    options = RECIPE if setting == 'all' else {setting: RECIPE[setting]}
+    model = tiny_model(seed=5, block_size=24, vocab_size=64, n_layer=2, n_head=2, n_embd=32, **options)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)  # as gen_model: so that greedy decoding varies
+    model.eval()
+    prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    cached = model.generate(prompt, 50, temperature=0, use_cache=True)
+    assert torch.equal(cached, model.generate(prompt, 50, temperature=0, use_cache=False))
+    torch.manual_seed(9)
+    sampled = model.generate(prompt, 50, temperature=1.0, use_cache=True)
+    torch.manual_seed(9)
+    assert torch.equal(sampled, model.generate(prompt, 50, temperature=1.0, use_cache=False))
+    assert len(set(sampled[0, 5:].tolist())) > 10  # many different tokens: the comparison is not trivial
+
+
+def test_a_recipe_model_round_trips_through_a_checkpoint_and_old_checkpoints_load_as_gpt2(tmp_path):
+    model = tiny_model(**RECIPE)
+    checkpoint.save_checkpoint({'model': model.state_dict(), 'model_args': asdict(model.config)}, str(tmp_path / 'c.pt'))
+    loaded = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(str(tmp_path / 'c.pt'))).eval()
+    assert all(getattr(loaded.config, k) == v for k, v in RECIPE.items())
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(all_logits(loaded, idx), all_logits(model.eval(), idx), atol=0, rtol=0)
+    # model_args that name none of the recipe's settings (nanoGPT's, ours from before them) are GPT-2's
+    old_args = {k: v for k, v in asdict(tiny_config()).items() if k not in RECIPE}
+    old = checkpoint.model_from_checkpoint({'model': tiny_model().state_dict(), 'model_args': old_args})
+    assert not any(getattr(old.config, k) for k in RECIPE) and 'wpe' in old.transformer
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_everything_else_each_at_its_rate():
+    model = tiny_model(**RECIPE, bias=True)
+    adamw, muon = model.configure_optimizers(weight_decay=0.1, learning_rate=3e-3, betas=(0.9, 0.95),
+                                             device_type='cpu', muon_lr=0.02)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {name: [names[id(p)] for p in group['params']]
+              for name, group in zip(('decay', 'no decay', 'muon'), adamw.param_groups + muon.param_groups)}
+    hidden = [n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith('transformer.h.')]
+    assert sorted(groups['muon']) == sorted(hidden) and len(hidden) == 4 * 2  # c_attn, c_proj, c_fc, c_proj
+    assert groups['decay'] == ['transformer.wte.weight']  # the token embedding, tied to the lm_head
+    assert all(n.endswith(('.bias', 'ln_1.weight', 'ln_2.weight', 'ln_f.weight')) for n in groups['no decay'])
+    everything = [n for g in groups.values() for n in g]
+    assert sorted(everything) == sorted(names.values())  # every parameter in exactly one group
+    assert [g['lr'] for g in adamw.param_groups] == [3e-3, 3e-3] and muon.param_groups[0]['lr'] == 0.02
+    assert [g['initial_lr'] for g in adamw.param_groups + muon.param_groups] == [3e-3, 3e-3, 0.02]
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(2))
+    model(idx, idx)[1].backward()
+    for opt in (adamw, muon):
+        opt.step()
+    unmoved = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert unmoved == []
+
+
+def newton_schulz(g, steps=5, coefficients=(3.4445, -4.7750, 2.0315)):
+    """Muon's orthogonalisation, by hand in float32: Keller Jordan's quintic Newton-Schulz iteration."""
+    a, b, c = coefficients
+    x = g.T if g.size(0) > g.size(1) else g
+    x = x / x.norm()
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if g.size(0) > g.size(1) else x
+
+
+def test_muon_update_of_a_matrix_is_its_orthogonalised_gradient():
+    # the first step's momentum is the gradient itself, so the step is -lr * sqrt(max(1, rows / cols)) *
+    # NS(gradient) (Keller's scaling); torch runs NS in bfloat16, hence the tolerance
+    model = tiny_model(**RECIPE)
+    _, muon = model.configure_optimizers(weight_decay=0.0, learning_rate=1e-3, betas=(0.9, 0.95), device_type='cpu',
+                                         muon_lr=0.05)
+    weight = model.transformer.h[0].mlp.c_fc.weight  # 128 x 32
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(2))
+    model(idx, idx)[1].backward()
+    before, grad = weight.detach().clone(), weight.grad.clone()
+    muon.step()
+    step = (before - weight.detach()) / (0.05 * math.sqrt(128 / 32))
+    torch.testing.assert_close(step, newton_schulz(grad), atol=0.03, rtol=0.05)
+    assert not torch.allclose(step, grad / grad.norm(), atol=0.03)  # orthogonalised, not just normalised
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+
+@pytest.mark.parametrize('options', [{}, RECIPE], ids=['gpt2', 'recipe'])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(options):
+    # dropout on: the recomputed forward must draw the same masks as the first one
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for recompute in (False, True):
+        model = tiny_model(seed=1, dropout=0.1, **options).train()
+        model.activation_checkpointing = recompute
+        torch.manual_seed(7)
+        _, loss = model(idx, idx)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss, grads), (loss_recomputed, grads_recomputed) = results
+    torch.testing.assert_close(loss_recomputed, loss, atol=1e-6, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_recomputed[name], grad, atol=1e-6, rtol=0, msg=name)

@@ -8,7 +8,6 @@ import os
 import pathlib
 import pickle
 import random
-import shutil
 import subprocess
 import sys
 

@@ -1,0 +1,81 @@
+"""
+Memory per process of DDP and FSDP, with and without activation checkpointing: train.py under torchrun on
+CPU processes (gloo), a GPT-2 medium-sized model (24 layers, 16 heads, 1024 wide: 354M parameters with the
+padded vocabulary), random tokens. Each run stops after its first training step, which is when train.py reports
+what its master process holds: the bytes of parameters, gradients and optimizer state (under FSDP its own
+shards: the sum of the local tensors), and the process's peak resident memory so far.
+$ python benchmarks/memory.py
+$ python benchmarks/memory.py --nproc=4 --n_layer=12 --n_head=12 --n_embd=768
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configurator import configure, report_errors  # noqa: E402
+
+# -----------------------------------------------------------------------------
+nproc = 2  # processes, one thread each
+n_layer = 24  # GPT-2 medium
+n_head = 16
+n_embd = 1024
+block_size = 256
+batch_size = 1  # micro-batch per process
+# -----------------------------------------------------------------------------
+MODES = [('DDP', dict(fsdp=False, activation_checkpointing=False)),
+         ('DDP + activation checkpointing', dict(fsdp=False, activation_checkpointing=True)),
+         ('FSDP', dict(fsdp=True, activation_checkpointing=False)),
+         ('FSDP + activation checkpointing', dict(fsdp=True, activation_checkpointing=True))]
+
+
+def first_step_memory(data_dir, out_dir, settings):
+    """Run train.py under torchrun until it reports its memory after the first step; then stop it, unsaved."""
+    args = dict(device='cpu', dtype='float32', compile=False, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                block_size=block_size, batch_size=batch_size, gradient_accumulation_steps=nproc, max_iters=100,
+                eval_interval=1000, eval_iters=nproc, dataset=data_dir, out_dir=out_dir, **settings)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', WANDB_MODE='disabled')
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+                             os.path.join(REPO, 'train.py'), *[f'--{k}={v}' for k, v in args.items()]],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith('memory per process:'):
+                return line.split(':', 1)[1].strip()
+        raise RuntimeError(f"train.py ended without reporting its memory (exit code {proc.wait()})")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole launch: nothing more is needed of it
+        proc.wait()
+
+
+def main():
+    work = tempfile.mkdtemp(prefix='memory-')
+    try:
+        rng = np.random.default_rng(0)
+        for split in ('train', 'val'):  # GPT-2's token ids, at random
+            rng.integers(50257, size=100_000, dtype=np.uint16).tofile(os.path.join(work, f'{split}.bin'))
+        print(f"{nproc} CPU processes, {n_layer} layers x {n_embd} wide, micro-batch {batch_size} x {block_size} "
+              "tokens; what the master process holds after its first step:\n")
+        print("| mode | parameters (MiB) | gradients (MiB) | optimizer state (MiB) | sum (MiB) | peak RSS (GiB) |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for name, settings in MODES:
+            report = first_step_memory(work, os.path.join(work, f'out-{len(name)}'), settings)
+            mib = [float(x.replace(',', '')) for x in re.findall(r'([\d,.]+) MiB', report)]
+            peak = re.search(r'peak ([\d.]+) GiB', report).group(1)
+            print(f"| {name} | {mib[0]:,.0f} | {mib[1]:,.0f} | {mib[2]:,.0f} | {sum(mib):,.0f} | {peak} |", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == '__main__':
+    report_errors()
+    configure(globals())
+    main()

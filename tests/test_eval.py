@@ -1,0 +1,297 @@
+"""
+Tests of eval.py against an independent oracle: transformers' GPT2LMHeadModel, run here on the same weights,
+scores every text token, HellaSwag ending and LAMBADA target one sequence at a time; and per-token losses
+computed here by hand for a prepared dataset's whole split. The benchmark files are small local files in
+HellaSwag's and LAMBADA's formats, written here.
+"""
+
+import json
+import math
+import os
+import random
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+import checkpoint
+import eval as evaluate
+from configurator import UserError
+from model import GPT, GPTConfig
+from scripts import assert_one_line_error, prepare_char_dataset, run_script, script_env
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+WORDS = ('the', 'king', 'queen', 'sword', 'crown', 'night', 'day', 'speak', 'love', 'death', 'fair', 'noble', 'of',
+         'and', 'to', 'a', 'my', 'lord', 'is', 'was')
+
+
+@pytest.fixture(scope='module')
+def gpt2_dir(tmp_path_factory):
+    """A small random GPT-2 with the real 50257-token vocabulary and a 24-token context, as save_pretrained writes it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp('gpt2') / 'tiny-gpt2'
+    GPT2LMHeadModel(GPT2Config(n_positions=24, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                               attn_pdrop=0.0, initializer_range=0.2)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def oracle(gpt2_dir):
+    from transformers import GPT2LMHeadModel
+    return GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+
+
+def sentence(rng, n):
+    return ' '.join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope='module')
+def benchmark_files(tmp_path_factory):
+    """Small HellaSwag (.jsonl, labels as the hub's strings) and LAMBADA (.json) files; some contexts are longer
+    than the model's 24 tokens, so they must be cropped on the left."""
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp('benchmarks')
+    hellaswag = [{'ctx': sentence(rng, rng.randint(3, 30)), 'endings': [sentence(rng, rng.randint(1, 6)) for _ in range(4)],
+                  'label': str(rng.randrange(4)), 'activity_label': 'x'} for _ in range(12)]
+    with open(root / 'hellaswag.jsonl', 'w') as f:
+        f.writelines(json.dumps(item) + '\n' for item in hellaswag)
+    lambada = [{'text': sentence(rng, rng.randint(4, 30)) + ' ' + rng.choice(('swordsman', 'kingdom', 'lord'))}
+               for _ in range(10)]
+    with open(root / 'lambada.json', 'w') as f:
+        json.dump(lambada, f)
+    return {'hellaswag': str(root / 'hellaswag.jsonl'), 'lambada': str(root / 'lambada.json'),
+            'hellaswag_items': hellaswag, 'lambada_items': lambada}
+
+
+def oracle_token_losses(oracle, tokens):
+    """transformers' losses of tokens[1:] given the tokens before each, for one sequence."""
+    with torch.no_grad():
+        logits = oracle(torch.tensor([tokens[:-1]])).logits[0]
+    return F.cross_entropy(logits, torch.tensor(tokens[1:]), reduction='none').numpy()
+
+
+def gpt2_encoding():
+    import tiktoken
+    return tiktoken.get_encoding('gpt2')
+
+
+# ----------------------------------------------------------------------------- text
+
+@pytest.mark.parametrize('stride', [0, 7], ids=['windows side by side', 'overlapping windows'])
+def test_text_loss_equals_transformers_scoring_every_token_once(tmp_path, gpt2_dir, oracle, tiktoken_cache, stride):
+    text = sentence(random.Random(1), 60) + '\n' + sentence(random.Random(2), 25)
+    (tmp_path / 'text.txt').write_text(text, encoding='utf-8')
+    result = run_script('eval.py', f'--init_from={gpt2_dir}', f'--text={tmp_path / "text.txt"}', f'--stride={stride}',
+                        '--device=cpu', f'--out={tmp_path / "results.json"}', env=script_env(HF_HUB_OFFLINE=1))
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert list(results) == ['text'] and '| text | loss |' in result.stdout
+
+    # oracle: token t is scored by the first window reaching it, the one starting at s = the first multiple of
+    # the stride with s + 24 >= t, given the tokens s..t-1
+    tokens = gpt2_encoding().encode(text)
+    block, step = 24, stride or 24
+    losses = []
+    for t in range(1, len(tokens)):
+        s = max(0, math.ceil((t - block) / step) * step)
+        losses.append(oracle_token_losses(oracle, tokens[s:t + 1])[-1])
+    expected = float(np.mean(losses))
+    assert results['text']['tokens'] == len(tokens) - 1
+    assert results['text']['loss'] == pytest.approx(expected, abs=1e-4)
+    assert results['text']['ppl'] == pytest.approx(math.exp(expected), rel=1e-4)
+    scored_bytes = len(text.encode('utf-8')) - len(gpt2_encoding().decode_single_token_bytes(tokens[0]))
+    assert results['text']['bits_per_byte'] == pytest.approx(sum(losses) / math.log(2) / scored_bytes, rel=1e-4)
+
+
+def losses_by_hand(model, ids, block_size):
+    """Every token's loss given its window so far, the ids cut into block_size windows side by side."""
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, block_size):
+            window = torch.tensor(ids[start:start + block_size + 1])
+            logits, _ = model(window[None, :-1], targets=window[None, 1:])
+            losses += F.cross_entropy(logits[0], window[1:], reduction='none').tolist()
+    return losses
+
+
+@pytest.fixture(scope='module')
+def char_run(tmp_path_factory, small_text):
+    """A prepared char dataset and a random char model saved as train.py saves a checkpoint."""
+    root = tmp_path_factory.mktemp('char')
+    dataset = prepare_char_dataset(str(root), small_text)
+    meta = checkpoint.load_meta(dataset)
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=meta['vocab_size'], bias=False))
+    out_dir = root / 'out'
+    checkpoint.save_checkpoint({'model': model.state_dict(), 'model_args': asdict(model.config), 'iter_num': 0,
+                                'best_val_loss': 9.9, 'config': {'dataset': dataset}, 'meta': meta},
+                               str(out_dir / 'ckpt.pt'))
+    return dataset, str(out_dir), model.eval(), meta
+
+
+def test_whole_split_loss_is_the_mean_of_every_tokens_loss(tmp_path, char_run):
+    dataset, out_dir, model, meta = char_run
+    result = run_script('eval.py', f'--out_dir={out_dir}', f'--dataset={dataset}', '--device=cpu',
+                        f'--out={tmp_path / "r.json"}')
+    results = json.loads((tmp_path / 'r.json').read_text())['text']
+    val = np.fromfile(os.path.join(dataset, 'val.bin'), dtype=np.uint16).tolist()
+    losses = losses_by_hand(model, val, 48)
+    assert len(losses) == len(val) - 1 == results['tokens']
+    assert results['loss'] == pytest.approx(np.mean(losses), abs=1e-5)
+    assert results['bits_per_char'] == pytest.approx(np.mean(losses) / math.log(2), abs=1e-5)
+    assert f"evaluating {os.path.join(out_dir, 'ckpt.pt')}" in result.stderr
+
+
+def test_a_char_model_reads_a_text_file_with_its_own_characters(tmp_path, char_run, small_text):
+    _, out_dir, model, meta = char_run
+    (tmp_path / 'known.txt').write_text(small_text[:500], encoding='utf-8')
+    result = run_script('eval.py', f'--out_dir={out_dir}', f'--text={tmp_path / "known.txt"}', '--device=cpu')
+    ids = [meta['stoi'][c] for c in small_text[:500]]
+    expected = np.mean(losses_by_hand(model, ids, 48))
+    assert f"| text | loss | {expected:.4f} |" in result.stdout
+    assert f"| text | bits_per_char | {expected / math.log(2):.4f} |" in result.stdout
+
+    (tmp_path / 'unseen.txt').write_text(small_text[:100] + ' Ωmega 42', encoding='utf-8')
+    error = assert_one_line_error(run_script('eval.py', f'--out_dir={out_dir}', f'--text={tmp_path / "unseen.txt"}',
+                                             '--device=cpu', check=False))
+    assert str(tmp_path / 'unseen.txt') in error and 'never seen' in error and 'Ω' in error
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+def test_hellaswag_scores_every_ending_as_transformers_does(gpt2_dir, oracle, benchmark_files, tiktoken_cache):
+    model, meta, _ = checkpoint.load_model(gpt2_dir, out_dir='')
+    tokenizer = checkpoint.Tokenizer(meta)
+    items = evaluate.load_items(benchmark_files['hellaswag'], 'validation', ('ctx', 'endings', 'label'), 'hellaswag')
+    scores = evaluate.hellaswag_scores(model, tokenizer, items, progress=False)
+    enc = gpt2_encoding()
+    correct = correct_norm = 0
+    for item, (sums, means, label) in zip(benchmark_files['hellaswag_items'], scores):
+        expected_sums, expected_means = [], []
+        for ending in item['endings']:
+            ending_tokens = enc.encode(' ' + ending)
+            sequence = (enc.encode(item['ctx']) + ending_tokens)[-25:]  # the context cropped to 24 + 1 tokens
+            losses = oracle_token_losses(oracle, sequence)[-len(ending_tokens):]
+            expected_sums.append(losses.sum())
+            expected_means.append(losses.mean())
+        assert sums == pytest.approx(expected_sums, abs=1e-4) and means == pytest.approx(expected_means, abs=1e-4)
+        assert label == int(item['label'])
+        correct += int(np.argmin(expected_sums) == label)
+        correct_norm += int(np.argmin(expected_means) == label)
+    n = len(scores)
+    assert evaluate.hellaswag_accuracy(scores) == {'acc': correct / n, 'acc_norm': correct_norm / n, 'n': n}
+
+
+def test_lambada_predictions_and_perplexity_equal_transformers_greedy_decoding(gpt2_dir, oracle, benchmark_files,
+                                                                              tiktoken_cache):
+    model, meta, _ = checkpoint.load_model(gpt2_dir, out_dir='')
+    items = evaluate.load_items(benchmark_files['lambada'], 'test', ('text',), 'lambada')
+    scores = evaluate.lambada_scores(model, checkpoint.Tokenizer(meta), items, batch_size=3, progress=False)
+    enc = gpt2_encoding()
+    losses = []
+    for item, (loss, hit) in zip(benchmark_files['lambada_items'], scores):
+        context, word = item['text'].rsplit(' ', 1)
+        target = enc.encode(' ' + word)
+        prompt = (enc.encode(context) + target)[-25:][:-len(target)]
+        with torch.no_grad():  # greedy continuation of the passage, as long as the target
+            generated = oracle.generate(torch.tensor([prompt]), max_new_tokens=len(target), do_sample=False,
+                                        pad_token_id=0)[0, len(prompt):].tolist()
+        assert hit == (generated == target), item
+        expected = oracle_token_losses(oracle, prompt + target)[-len(target):].sum()
+        assert loss == pytest.approx(expected, abs=1e-4)
+        losses.append(expected)
+    metrics = evaluate.lambada_metrics(scores)
+    assert metrics['ppl'] == pytest.approx(math.exp(np.mean(losses)), rel=1e-4) and metrics['n'] == len(items)
+
+
+def test_eval_script_on_a_checkpoint_of_ours_reports_all_tasks_in_json(tmp_path, gpt2_dir, oracle, benchmark_files,
+                                                                      tiktoken_cache):
+    # a checkpoint of this repository's (GPT-2 weights loaded into our GPT and saved as train.py saves them)
+    model = GPT.from_pretrained(gpt2_dir)
+    out_dir = tmp_path / 'out'
+    checkpoint.save_checkpoint({'model': model.state_dict(), 'model_args': asdict(model.config), 'iter_num': 3,
+                                'best_val_loss': 5.0, 'config': {'dataset': 'openwebtext'}}, str(out_dir / 'ckpt.pt'))
+    (tmp_path / 'text.txt').write_text(sentence(random.Random(4), 40), encoding='utf-8')
+    result = run_script('eval.py', f'--out_dir={out_dir}', '--tasks=text,hellaswag,lambada', '--limit=5',
+                        f'--text={tmp_path / "text.txt"}', f'--hellaswag={benchmark_files["hellaswag"]}',
+                        f'--lambada={benchmark_files["lambada"]}', '--device=cpu', f'--out={tmp_path / "r.json"}',
+                        env=script_env(HF_HUB_OFFLINE=1))
+    results = json.loads((tmp_path / 'r.json').read_text())
+    assert set(results) == {'text', 'hellaswag', 'lambada'}
+    assert set(results['text']) == {'loss', 'ppl', 'tokens', 'bits_per_byte'}
+    assert set(results['hellaswag']) == {'acc', 'acc_norm', 'n'} and results['hellaswag']['n'] == 5
+    assert set(results['lambada']) == {'acc', 'ppl', 'n'} and results['lambada']['n'] == 5
+    # the oracle on the first 5 items: summed target losses over the passages, exp of their mean
+    enc = gpt2_encoding()
+    losses = []
+    for item in benchmark_files['lambada_items'][:5]:
+        context, word = item['text'].rsplit(' ', 1)
+        target = enc.encode(' ' + word)
+        losses.append(oracle_token_losses(oracle, (enc.encode(context) + target)[-25:])[-len(target):].sum())
+    assert results['lambada']['ppl'] == pytest.approx(math.exp(np.mean(losses)), rel=1e-4)
+    for task in ('text', 'hellaswag', 'lambada'):
+        assert f'| {task} |' in result.stdout
+
+
+# ----------------------------------------------------------------------------- mistakes
+
+def test_a_benchmark_that_cannot_be_loaded_offline_says_how_to_use_a_local_copy(tmp_path, char_run):
+    _, out_dir, _, _ = char_run
+    env = script_env(HF_HUB_OFFLINE=1, HF_HOME=tmp_path / 'hf-home', HF_DATASETS_CACHE=tmp_path / 'cache')
+    error = assert_one_line_error(run_script('eval.py', f'--out_dir={out_dir}', '--tasks=lambada', '--device=cpu',
+                                             env=env, check=False))
+    assert "could not load lambada dataset 'EleutherAI/lambada_openai'" in error and '--lambada=PATH' in error
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--tasks=mmlu'], 'unknown task mmlu'),
+    (['--tasks=text'], 'either --text=PATH'),
+    (['--tasks=hellaswag', '--hellaswag=notes.txt'], 'expected a .json, .jsonl or .parquet file'),
+])
+def test_eval_mistakes_are_one_line(tmp_path, char_run, args, message):
+    _, out_dir, _, _ = char_run
+    (tmp_path / 'notes.txt').write_text('x')
+    args = [a.replace('notes.txt', str(tmp_path / 'notes.txt')) for a in args]
+    error = assert_one_line_error(run_script('eval.py', f'--out_dir={out_dir}', '--device=cpu', *args, check=False))
+    assert message in error
+
+
+def test_hellaswag_file_without_its_fields_is_refused(tmp_path):
+    (tmp_path / 'rows.jsonl').write_text(json.dumps({'question': 'q', 'answer': 'a'}) + '\n')
+    with pytest.raises(UserError, match='has no ctx, endings, label field'):
+        evaluate.load_items(str(tmp_path / 'rows.jsonl'), 'validation', ('ctx', 'endings', 'label'), 'hellaswag')
+
+
+# ----------------------------------------------------------------------------- during training
+
+def test_hellaswag_during_training_is_logged_as_the_checkpoint_scores_it(tmp_path, char_run, small_text):
+    from scripts import train
+    dataset, _, _, _ = char_run
+    lines = [line for line in small_text.splitlines() if len(line) > 10]
+    items = [{'ctx': lines[5 * i], 'endings': lines[5 * i + 1:5 * i + 5], 'label': str(i % 4)} for i in range(8)]
+    (tmp_path / 'hellaswag.jsonl').write_text(''.join(json.dumps(item) + '\n' for item in items))
+    out_dir = str(tmp_path / 'out')
+    proc = train(dataset, out_dir, max_iters=4, eval_interval=4, hellaswag=str(tmp_path / 'hellaswag.jsonl'),
+                 hellaswag_items=6)
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        logged = [row for row in map(json.loads, f) if row['iter'] == 4 and 'val_loss' in row][0]
+    # oracle: eval.py's scoring of the first 6 items with the checkpoint written at that evaluation
+    model, meta, _ = checkpoint.load_model('resume', out_dir, 'ckpt.pt')
+    expected = evaluate.hellaswag_accuracy(evaluate.hellaswag_scores(model, checkpoint.Tokenizer(meta), items[:6],
+                                                                     progress=False))
+    assert logged['hellaswag_acc_norm'] == pytest.approx(expected['acc_norm'])
+    assert logged['hellaswag_acc'] == pytest.approx(expected['acc'])
+    assert f"step 4: hellaswag acc_norm {expected['acc_norm']:.4f}, acc {expected['acc']:.4f} (6 items)" in proc.stdout
+
+
+def test_hellaswag_with_characters_a_char_model_never_saw_fails_before_training(tmp_path, char_run):
+    from scripts import train
+    dataset, _, _, _ = char_run
+    (tmp_path / 'hellaswag.jsonl').write_text(json.dumps({'ctx': 'Zebra #1', 'endings': ['a', 'b', 'c', 'd'],
+                                                          'label': '0'}) + '\n')
+    proc = train(dataset, str(tmp_path / 'out'), check=False, hellaswag=str(tmp_path / 'hellaswag.jsonl'))
+    error = assert_one_line_error(proc)
+    assert 'a HellaSwag context contains characters the model has never seen' in error
+    assert 'iter 0' not in proc.stdout
