@@ -36,7 +36,6 @@ bias = False  # biases in Linears and LayerNorms
 dropout = 0.0  # dropout probability while training
 rope = False  # the faster recipes' options, as in train.py: rotary position embeddings
 qk_norm = False  # RMS-normalised queries and keys
-relu2 = False  # ReLU² instead of GELU in the MLP
 # training
 optimizer = 'adamw'  # 'adamw', or 'muon' (Muon for the blocks' matrices, AdamW for the rest), as in train.py
 batch_size = 12  # sequences per training step
@@ -71,7 +70,7 @@ ctx = autocast_context(device_type, dtype)
 if init_from == 'scratch':
     vocab_size = vocab_size or (50304 if mode == 'train' else 50257)
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                      vocab_size=vocab_size, dropout=dropout, rope=rope, qk_norm=qk_norm, relu2=relu2)
+                      vocab_size=vocab_size, dropout=dropout, rope=rope, qk_norm=qk_norm)
     model = new_model(model_args, "the settings")
 elif init_from == 'resume':
     model = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, 'ckpt.pt')), dropout=dropout)

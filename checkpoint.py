@@ -21,7 +21,7 @@ try:
 except ImportError:
     fcntl = None
 
-FIXED_ON_RESUME = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'rope', 'qk_norm', 'relu2',
+FIXED_ON_RESUME = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'rope', 'qk_norm',
                    'optimizer')
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINT_FILES = ('ckpt.pt', 'best.pt')
@@ -190,8 +190,19 @@ class Tokenizer:
 
 # ----------------------------------------------------------------------------- the run directory
 
-def existing_checkpoints(out_dir):
-    return [name for name in CHECKPOINT_FILES if os.path.exists(os.path.join(out_dir, name))]
+def claim_out_dir(out_dir, resuming, start_over):
+    """Lock out_dir for this run (see lock_out_dir) and make sure a new run never replaces an earlier run's
+    checkpoints by accident: only a resumed run, or one told to start over (which deletes them), may go on."""
+    lock = lock_out_dir(out_dir)
+    earlier = [name for name in CHECKPOINT_FILES if os.path.exists(os.path.join(out_dir, name))]
+    if earlier and not resuming:
+        if not start_over:
+            raise UserError(f"{out_dir} holds {' and '.join(earlier)} of an earlier run; continue it with "
+                            "--init_from=resume, use another --out_dir, or delete it and start over with "
+                            "--start_over=True")
+        for name in earlier:
+            os.remove(os.path.join(out_dir, name))
+    return lock
 
 
 def lock_out_dir(out_dir):

@@ -83,7 +83,7 @@ def main():
     model = model_from_checkpoint(ckpt, dropout=0.0)
     model.eval()
     cfg = model.config
-    not_gpt2 = [f'{setting}=True' for setting in ('rope', 'qk_norm', 'relu2') if getattr(cfg, setting)]
+    not_gpt2 = [f'{setting}=True' for setting in ('rope', 'qk_norm') if getattr(cfg, setting)]
     if not_gpt2:
         raise UserError(f"{os.path.join(out_dir, name)} was trained with {', '.join(not_gpt2)}, which GPT-2's "
                         "architecture (transformers' GPT2LMHeadModel) does not have; only models trained without "

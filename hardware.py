@@ -1,6 +1,6 @@
 """
 What the scripts need to know about the machine: the best device, the dtypes it can do, the autocast
-context for mixed precision, and its peak FLOP/s for MFU.
+context for mixed precision, its peak FLOP/s for MFU, and the memory a process holds.
 """
 
 import sys
@@ -8,6 +8,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from configurator import UserError
 
@@ -113,6 +114,16 @@ def peak_memory(device):
         return "unknown (no resource module)"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
     return f"{rss / 2**30:.2f} GiB peak RSS of the process"
+
+
+def held_memory(model, optimizers):
+    """The MiB of parameters, gradients and optimizer state this process holds (under FSDP: its shards)."""
+    def mib(tensors):
+        return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors) / 2**20
+    params = list(model.parameters())
+    state = [t for opt in optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    return (f"parameters {mib(params):,.1f} MiB, gradients {mib(p.grad for p in params if p.grad is not None):,.1f} "
+            f"MiB, optimizer state {mib(state):,.1f} MiB")
 
 
 def sync(device):

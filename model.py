@@ -116,14 +116,11 @@ class MLP(nn.Module):
         assert config.gelu_approximate in ('none', 'tanh'), f"unknown gelu_approximate '{config.gelu_approximate}'"
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate=config.gelu_approximate)
-        self.relu2 = config.relu2
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        x = self.c_fc(x)
-        x = F.relu(x).square() if self.relu2 else self.gelu(x)  # ReLU² (Primer, https://arxiv.org/abs/2109.08668)
-        return self.dropout(self.c_proj(x))
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -156,7 +153,6 @@ class GPTConfig:
     # the faster recipes' options (README "Faster recipes"); the defaults are GPT-2's architecture
     rope: bool = False  # rotary position embeddings instead of learned ones (no wpe)
     qk_norm: bool = False  # RMS-normalised queries and keys
-    relu2: bool = False  # ReLU² in the MLP instead of GELU
 
 
 class GPT(nn.Module):

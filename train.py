@@ -40,11 +40,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (Tokenizer, dataset_dir, existing_checkpoints, fixed_settings, is_pretrained_name,
-                        load_checkpoint, load_meta, load_tokens, lock_out_dir, model_from_checkpoint, new_model,
-                        pretrained_model, read_manifest, save_checkpoint)
+from checkpoint import (Tokenizer, claim_out_dir, dataset_dir, fixed_settings, is_pretrained_name, load_checkpoint,
+                        load_meta, load_tokens, model_from_checkpoint, new_model, pretrained_model, read_manifest,
+                        save_checkpoint)
 from configurator import UserError, check_settings, configure, report_errors, settings_of
-from hardware import DTYPES, autocast_context, best_device, check_device, peak_flops as device_peak_flops, peak_memory
+from hardware import (DTYPES, autocast_context, best_device, check_device, held_memory, peak_flops as device_peak_flops,
+                      peak_memory)
 from metrics import MetricsLog, WandbRun, plot_losses
 
 report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
@@ -80,7 +81,6 @@ bias = False  # do we use bias inside LayerNorm and Linear layers?
 # the faster recipes' options (README "Faster recipes"); the defaults are GPT-2's architecture, as nanoGPT's
 rope = False  # rotary position embeddings instead of learned ones
 qk_norm = False  # RMS-normalised queries and keys
-relu2 = False  # ReLU² instead of GELU in the MLP
 # adamw optimizer
 optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the blocks' matrices at muon_lr, AdamW for the rest
 muon_lr = 0.02  # Muon's peak learning rate, on the same schedule as learning_rate (optimizer='muon' only)
@@ -120,7 +120,7 @@ if init_from == 'resume':
     for k, v in checkpoint.get('config', {}).items():
         if k in config_keys and k not in user_keys and k not in machine_keys and type(v) is type(globals()[k]):
             globals()[k] = v
-    check_settings(globals())  # what is given now must fit what was saved (e.g. warmup before decay)
+    check_settings(globals())  # what is given now must fit what was saved (e.g. min_lr below learning_rate)
     for k, saved in fixed_settings(checkpoint).items():
         if k in user_keys and globals()[k] != saved:
             raise UserError(f"{k}={globals()[k]} contradicts the checkpoint's {k}={saved}; a resumed run keeps "
@@ -153,16 +153,7 @@ device_type, dtype = check_device(device, dtype)
 if fsdp and dtype == 'float16':
     raise UserError("fsdp=True has no gradient scaler for float16 here; use --dtype=bfloat16 (or float32)")
 if master_process and not eval_only:
-    # one run per out_dir, and an earlier run's checkpoints are never replaced by a new start by accident
-    out_dir_lock = lock_out_dir(out_dir)  # held until this process ends
-    earlier = existing_checkpoints(out_dir)
-    if earlier and init_from != 'resume':
-        if not start_over:
-            raise UserError(f"{out_dir} holds {' and '.join(earlier)} of an earlier run; continue it with "
-                            "--init_from=resume, use another --out_dir, or delete it and start over with "
-                            "--start_over=True")
-        for name in earlier:
-            os.remove(os.path.join(out_dir, name))
+    out_dir_lock = claim_out_dir(out_dir, resuming=init_from == 'resume', start_over=start_over)  # held to the end
 if ddp:
     if device_type == 'cuda':
         torch.cuda.set_device(device)
@@ -247,7 +238,7 @@ if init_from == 'scratch':
         print("Initializing a new model from scratch")
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                       vocab_size=meta_vocab_size or 50304, dropout=dropout,  # 50304: GPT-2's 50257, padded
-                      rope=rope, qk_norm=qk_norm, relu2=relu2)
+                      rope=rope, qk_norm=qk_norm)
     model = new_model(model_args, "the settings")
 elif init_from == 'resume':
     if master_process:
@@ -409,16 +400,6 @@ def should_stop():
     return bool(flag.item())
 
 
-def held_memory():
-    """The MiB of parameters, gradients and optimizer state this process holds (under FSDP: its shards)."""
-    def mib(tensors):
-        return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors) / 2**20
-    params = list(raw_model.parameters())
-    state = [t for opt in optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
-    return (f"parameters {mib(params):,.1f} MiB, gradients {mib(p.grad for p in params if p.grad is not None):,.1f} "
-            f"MiB, optimizer state {mib(state):,.1f} MiB")
-
-
 def nonfinite_loss_error(value, where):
     return (f"the {where} is {value} at iter {iter_num}; training stopped and the last checkpoint was kept. "
             "Usual fixes: a lower learning_rate, dtype=bfloat16 instead of float16, or grad_clip=1.0")
@@ -526,7 +507,7 @@ while True:
         scaler.step(opt)  # skips the step (and lowers the scale) if float16 gradients overflowed
     scaler.update()
     if local_iter_num == 0 and master_process:  # what training holds, once all of it exists
-        print(f"memory per process: {held_memory()}, peak {peak_memory(device)}")
+        print(f"memory per process: {held_memory(raw_model, optimizers)}, peak {peak_memory(device)}")
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)  # flush the gradients as soon as we can, no need for this memory anymore
 

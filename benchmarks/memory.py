@@ -3,7 +3,8 @@ Memory per process of DDP and FSDP, with and without activation checkpointing: t
 CPU processes (gloo), a GPT-2 medium-sized model (24 layers, 16 heads, 1024 wide: 354M parameters with the
 padded vocabulary), random tokens. Each run stops after its first training step, which is when train.py reports
 what its master process holds: the bytes of parameters, gradients and optimizer state (under FSDP its own
-shards: the sum of the local tensors), and the process's peak resident memory so far.
+shards: the sum of the local tensors), and the process's peak resident memory so far; then the time of its
+second and third steps, which costs the sharding and the recomputation add.
 $ python benchmarks/memory.py
 $ python benchmarks/memory.py --nproc=4 --n_layer=12 --n_head=12 --n_embd=768
 """
@@ -36,8 +37,9 @@ MODES = [('DDP', dict(fsdp=False, activation_checkpointing=False)),
          ('FSDP + activation checkpointing', dict(fsdp=True, activation_checkpointing=True))]
 
 
-def first_step_memory(data_dir, out_dir, settings):
-    """Run train.py under torchrun until it reports its memory after the first step; then stop it, unsaved."""
+def first_steps(data_dir, out_dir, settings):
+    """Run train.py under torchrun for three steps: (its memory report after the first, the mean time of the
+    second and third in ms); then stop it, unsaved."""
     args = dict(device='cpu', dtype='float32', compile=False, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                 block_size=block_size, batch_size=batch_size, gradient_accumulation_steps=nproc, max_iters=100,
                 eval_interval=1000, eval_iters=nproc, dataset=data_dir, out_dir=out_dir, **settings)
@@ -46,11 +48,17 @@ def first_step_memory(data_dir, out_dir, settings):
                              os.path.join(REPO, 'train.py'), *[f'--{k}={v}' for k, v in args.items()]],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
+    memory, times = None, []
     try:
         for line in proc.stdout:
             if line.startswith('memory per process:'):
-                return line.split(':', 1)[1].strip()
-        raise RuntimeError(f"train.py ended without reporting its memory (exit code {proc.wait()})")
+                memory = line.split(':', 1)[1].strip()
+            step = re.match(r'iter ([12]): loss [\d.]+, time ([\d.]+)ms', line)
+            if step:
+                times.append(float(step.group(2)))
+            if len(times) == 2:
+                return memory, sum(times) / 2
+        raise RuntimeError(f"train.py ended after {len(times)} timed steps (exit code {proc.wait()})")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole launch: nothing more is needed of it
         proc.wait()
@@ -64,13 +72,15 @@ def main():
             rng.integers(50257, size=100_000, dtype=np.uint16).tofile(os.path.join(work, f'{split}.bin'))
         print(f"{nproc} CPU processes, {n_layer} layers x {n_embd} wide, micro-batch {batch_size} x {block_size} "
               "tokens; what the master process holds after its first step:\n")
-        print("| mode | parameters (MiB) | gradients (MiB) | optimizer state (MiB) | sum (MiB) | peak RSS (GiB) |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        print("| mode | parameters (MiB) | gradients (MiB) | optimizer state (MiB) | sum (MiB) | peak RSS (GiB) "
+              "| ms per step |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name, settings in MODES:
-            report = first_step_memory(work, os.path.join(work, f'out-{len(name)}'), settings)
+            report, ms = first_steps(work, os.path.join(work, f'out-{len(name)}'), settings)
             mib = [float(x.replace(',', '')) for x in re.findall(r'([\d,.]+) MiB', report)]
             peak = re.search(r'peak ([\d.]+) GiB', report).group(1)
-            print(f"| {name} | {mib[0]:,.0f} | {mib[1]:,.0f} | {mib[2]:,.0f} | {sum(mib):,.0f} | {peak} |", flush=True)
+            print(f"| {name} | {mib[0]:,.0f} | {mib[1]:,.0f} | {mib[2]:,.0f} | {sum(mib):,.0f} | {peak} | {ms:,.0f} |",
+                  flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -41,7 +41,7 @@ REFERENCE = ['config/train_shakespeare_char.py', '--device=cpu', '--compile=Fals
              '--log_interval=1', '--block_size=64', '--batch_size=12', '--n_layer=4', '--n_head=4', '--n_embd=128',
              '--max_iters=2000', '--lr_decay_iters=2000', '--dropout=0.0']
 # the recipe's settings and what nanoGPT has instead, for the ablation
-SWITCH_BACK = {'rope': 'False', 'qk_norm': 'False', 'relu2': 'False', 'optimizer': 'adamw'}
+SWITCH_BACK = {'rope': 'False', 'qk_norm': 'False', 'optimizer': 'adamw'}
 
 
 def timed_run(script_dir, args, out_dir):

@@ -220,9 +220,11 @@ def test_indivisible_gradient_accumulation_fails_clearly_on_every_rank(dataset, 
     assert not out_dir.exists(), "nothing should be written before the check"
 
 
-@pytest.mark.parametrize('mode', ['ddp', 'fsdp'])
-def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(dataset, tmp_path, mode):
-    """A pre-emption notice reaching one worker stops every worker after the same step, with one checkpoint."""
+@pytest.mark.parametrize('mode, stop', [('ddp', 'SIGTERM to one worker'), ('fsdp', 'SIGTERM to one worker'),
+                                        ('ddp', 'Ctrl-C in the terminal')])
+def test_a_stop_signal_stops_all_ranks_at_the_same_step(dataset, tmp_path, mode, stop):
+    """A pre-emption notice reaching one worker, or Ctrl-C reaching the whole launch, stops every worker after
+    the same step, with one checkpoint and no traceback from train.py."""
     out_dir = tmp_path / 'out'
     proc = start_torchrun(['--standalone', '--nproc_per_node=2'], dataset=dataset, out_dir=out_dir,
                           max_iters=100_000, eval_interval=100_000, fsdp=mode == 'fsdp')
@@ -232,11 +234,19 @@ def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(dataset, tmp_path,
                 break
         workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(workers) == 2, workers
-        os.kill(int(workers[-1]), signal.SIGTERM)  # one worker only, as when a single node is pre-empted
-        result = check_ok(finish(proc))
+        if stop == 'Ctrl-C in the terminal':
+            os.killpg(proc.pid, signal.SIGINT)  # the launcher and its workers: the terminal's process group
+        else:
+            os.kill(int(workers[-1]), signal.SIGTERM)  # one worker only, as when a single node is pre-empted
+        result = finish(proc)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    if stop == 'Ctrl-C in the terminal':  # torchrun's own exit code and traceback, as the README says
+        assert result.returncode == 1 and 'SignalException' in result.stderr
+    else:
+        check_ok(result)
+    assert 'train.py", line' not in result.stderr, result.stderr[-3000:]
     stopped = re.findall(r'stopped by (.+?) at iter (\d+)', result.stdout)
     assert len(stopped) == 1, result.stdout[-2000:]
     checkpoint = load_checkpoint(str(out_dir / 'ckpt.pt'))

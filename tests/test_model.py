@@ -585,7 +585,7 @@ def test_sample_next_temperature_sharpens_distribution():
 
 # ----------------------------------------------------------------------------- the faster recipes' options
 
-RECIPE = dict(rope=True, qk_norm=True, relu2=True)
+RECIPE = dict(rope=True, qk_norm=True)
 
 
 def test_rotary_attention_scores_depend_only_on_relative_position():
