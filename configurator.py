@@ -60,6 +60,7 @@ RULES = [
     (('top_p',), lambda v: 0 < v <= 1, "above 0 and at most 1"),
     (('backend',), lambda v: v in ('', 'nccl', 'gloo'), "'' (automatic), nccl or gloo"),
     (('optimizer',), lambda v: v in ('adamw', 'muon'), "adamw or muon"),
+    (('out_dir',), lambda v: v != '', "a directory's name, not empty"),
 ]
 # rules between settings, for the scripts that have all the settings named
 JOINT_RULES = [

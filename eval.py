@@ -152,6 +152,8 @@ def load_items(source, split, fields, setting, limit=0):
     import datasets
     builders = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
     extension = os.path.splitext(source)[1].lower()
+    if extension in builders and not os.path.isfile(source):
+        raise UserError(f"--{setting}={source}: no such file")
     try:
         if os.path.isfile(source):
             if extension not in builders:

@@ -17,16 +17,19 @@ def bench(*args, check=True):
     return run_script('bench.py', '--device=cpu', *args, check=check)
 
 
-def test_train_mode_reports_consistent_throughput_and_mfu_of_the_given_peak():
+@pytest.mark.parametrize('recipe', [{}, dict(optimizer='muon', rope=True, qk_norm=True)], ids=['nanoGPT', 'recipe'])
+def test_train_mode_reports_consistent_throughput_and_mfu_of_the_given_peak(recipe):
     peak = 1e9  # small, so that the printed MFU has many significant digits
-    proc = bench(*args_of(SHAPE), '--batch_size=4', '--warmup_steps=2', '--num_steps=3', f'--peak_flops={peak}')
+    proc = bench(*args_of(dict(SHAPE, **recipe)), '--batch_size=4', '--warmup_steps=2', '--num_steps=3',
+                 f'--peak_flops={peak}')
     first, last = (float(x) for x in re.findall(r'loss ([\d.]+)', proc.stdout))
     assert last < first  # the timed steps really train: a fixed batch is being fitted
     tokens_per_s, ms_per_iter, mfu = re.search(
         r'^([\d,]+) tokens/s, ([\d.]+) ms/iter, MFU ([\d.]+)% of 0\.00 TFLOP/s', proc.stdout, re.M).groups()
     tokens_per_s = float(tokens_per_s.replace(',', ''))
     assert tokens_per_s * float(ms_per_iter) / 1000 == pytest.approx(4 * 16, rel=0.01)
-    flops_per_token = GPT(GPTConfig(**SHAPE, bias=False)).flops_per_token()
+    model_args = {k: v for k, v in recipe.items() if k != 'optimizer'}
+    flops_per_token = GPT(GPTConfig(**SHAPE, **model_args, bias=False)).flops_per_token()
     assert float(mfu) / 100 == pytest.approx(flops_per_token * tokens_per_s / peak, rel=0.01)
     assert 'peak memory' in proc.stdout
 

@@ -2,6 +2,7 @@
 every setting is checked against, and the one-line error (a UserError) for every mistake a user can make."""
 
 import math
+import re
 
 import pytest
 
@@ -220,7 +221,7 @@ def train_like(**overrides):
                     eval_interval=250, eval_iters=20, log_interval=1, max_iters=2000, warmup_iters=100,
                     lr_decay_iters=2000, learning_rate=1e-3, min_lr=1e-4, weight_decay=0.1, beta1=0.9, beta2=0.99,
                     grad_clip=1.0, dropout=0.0, decay_lr=True, seed=1337, peak_flops=0.0, backend='',
-                    num_samples=2, max_new_tokens=10, temperature=0.8, top_k=200, top_p=1.0)
+                    num_samples=2, max_new_tokens=10, temperature=0.8, top_k=200, top_p=1.0, out_dir='out')
     settings.update(overrides)
     return settings
 
@@ -231,7 +232,7 @@ def train_like(**overrides):
     ('max_iters', -1), ('warmup_iters', -5), ('seed', -1), ('learning_rate', -1e-3), ('min_lr', -1e-5),
     ('weight_decay', -0.1), ('grad_clip', -1.0), ('temperature', -0.5), ('top_k', -1), ('peak_flops', -1.0),
     ('dropout', 1.0), ('dropout', -0.1), ('beta1', 1.0), ('beta2', 1.5), ('top_p', 0.0), ('top_p', 1.01),
-    ('backend', 'mpi'),
+    ('backend', 'mpi'), ('out_dir', ''),
 ])
 def test_out_of_range_setting_is_refused_with_its_name_and_range(key, value):
     with pytest.raises(UserError) as info:
@@ -274,3 +275,37 @@ def test_configure_checks_the_settings_after_all_overrides(tmp_path):
     path = write_config(tmp_path, "batch_size = 0\n")
     assert 'batch_size=0' in expect_error(None, [path])
     assert configured([path, '--batch_size=4'])['batch_size'] == 4  # fixed later on the same command line
+
+
+# ----------------------------------------------------------------------------- --help
+
+@pytest.mark.parametrize('script, flag', [('train.py', '--help'), ('train.py', '-h'), ('sample.py', '-h'),
+                                          ('eval.py', '--help'), ('bench.py', '-h'), ('export_hf.py', '--help')])
+def test_help_lists_every_setting_with_its_default_and_exits_0(script, flag):
+    import ast
+    import os
+    import subprocess
+    import sys
+    from scripts import REPO_ROOT, script_env
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), flag], capture_output=True, text=True,
+                          env=script_env(), timeout=120)
+    assert proc.returncode == 0 and proc.stderr == '', proc.stderr
+    # oracle: the script's own settings, read from its source (the assignments before it calls configure)
+    with open(os.path.join(REPO_ROOT, script)) as f:
+        tree = ast.parse(f.read())
+    settings = {}
+    for node in tree.body:
+        calls = {n.func.id for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        if calls & {'configure', 'settings_of'} or isinstance(node, ast.If):
+            break
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id.islower():
+            try:
+                settings[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:  # computed, e.g. best_device()
+                settings[node.targets[0].id] = None
+    listed = dict(re.findall(r'^  --(\w+)=(\S*)', proc.stdout, re.M))
+    assert set(listed) == set(settings), set(listed) ^ set(settings)
+    for name, default in settings.items():
+        if isinstance(default, (bool, int, float)):
+            assert listed[name] == repr(default), name
+    assert f'usage: python {script}' in proc.stdout and 'Example:' in proc.stdout

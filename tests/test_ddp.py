@@ -254,6 +254,13 @@ def test_a_stop_signal_stops_all_ranks_at_the_same_step(dataset, tmp_path, mode,
     model_from_checkpoint(checkpoint)  # complete: every weight, whole
 
 
+def test_ddp_with_the_faster_recipe_matches_single_process(dataset, tmp_path):
+    recipe = dict(dataset=dataset, max_iters=4, optimizer='muon', rope=True, qk_norm=True)
+    alone = single_process(out_dir=str(tmp_path / 'one'), **recipe).stdout
+    shared = two_processes(out_dir=str(tmp_path / 'two'), **recipe).stdout
+    assert_same_losses(shared, alone, iters=range(4), steps=[0, 4])
+
+
 # ----------------------------------------------------------------------------- FSDP
 
 @pytest.fixture(scope='module')

@@ -258,6 +258,11 @@ def test_eval_mistakes_are_one_line(tmp_path, char_run, args, message):
     assert message in error
 
 
+def test_a_benchmark_file_that_does_not_exist_is_named(tmp_path):
+    with pytest.raises(UserError, match=f'--lambada={tmp_path / "nope.jsonl"}: no such file'):
+        evaluate.load_items(str(tmp_path / 'nope.jsonl'), 'test', ('text',), 'lambada')
+
+
 def test_hellaswag_file_without_its_fields_is_refused(tmp_path):
     (tmp_path / 'rows.jsonl').write_text(json.dumps({'question': 'q', 'answer': 'a'}) + '\n')
     with pytest.raises(UserError, match='has no ctx, endings, label field'):

@@ -228,3 +228,14 @@ def test_export_dir_that_cannot_be_written_fails_before_any_work(tmp_path, monke
         export_hf.main()
     assert '\n' not in str(info.value) and 'another --export_dir' in str(info.value)
     assert (tmp_path / 'taken').read_text() == 'a file'
+
+
+def test_a_model_trained_with_recipe_settings_that_gpt2_lacks_is_refused(tmp_path, monkeypatch):
+    model = GPT(GPTConfig(vocab_size=65, block_size=8, n_layer=1, n_head=2, n_embd=16, rope=True, qk_norm=True))
+    save_like_train_py(model, tmp_path / 'out' / 'ckpt.pt')
+    monkeypatch.setattr(export_hf, 'out_dir', str(tmp_path / 'out'))
+    monkeypatch.setattr(export_hf, 'export_dir', str(tmp_path / 'hf'))
+    with pytest.raises(UserError, match='was trained with rope=True, qk_norm=True') as info:
+        export_hf.main()
+    assert 'GPT2LMHeadModel' in str(info.value)
+    assert not (tmp_path / 'hf').exists()  # refused before anything was written

@@ -143,8 +143,9 @@ def test_train_resume_sample_end_to_end(tmp_path, small_text):
     assert sample == '\n' + ''.join(itos[i] for i in ids)
 
 
-def test_resume_reproduces_uninterrupted_losses(tmp_path, dataset):
-    settings = dict(dropout=0.1, eval_interval=12)  # dropout: the random state matters
+@pytest.mark.parametrize('recipe', [{}, dict(optimizer='muon', rope=True, qk_norm=True)], ids=['nanoGPT', 'recipe'])
+def test_resume_reproduces_uninterrupted_losses(tmp_path, dataset, recipe):
+    settings = dict(dropout=0.1, eval_interval=12, **recipe)  # dropout: the random state matters
     whole = start_train(dataset, str(tmp_path / 'whole'), tmp_path / 'whole.log', max_iters=24, **settings)
     half = start_train(dataset, str(tmp_path / 'split'), tmp_path / 'half.log', max_iters=12, **settings)
     uninterrupted = finish(whole, tmp_path / 'whole.log')
@@ -180,7 +181,7 @@ def test_kill_nine_at_random_moments_never_corrupts_checkpoint(tmp_path, dataset
     rng = random.Random(1234)
     last_iter = 0
     kills = []
-    for launch in range(10):
+    for launch in range(7):
         log = tmp_path / f'launch{launch}.log'
         init_from = 'resume' if ckpt_path.exists() else 'scratch'
         old_temp_files = checkpoint_temp_files(out_dir)
@@ -219,7 +220,7 @@ def test_kill_nine_at_random_moments_never_corrupts_checkpoint(tmp_path, dataset
             last_iter = ckpt['iter_num']
         if (out_dir / 'best.pt').exists():
             model_from_checkpoint(read_checkpoint(out_dir / 'best.pt'))
-    assert len(kills) >= 8, f"the runs finished before they could be killed ({kills}); make them longer"
+    assert len(kills) >= 5, f"the runs finished before they could be killed ({kills}); make them longer"
     assert last_iter > 0, "no kill came after a checkpoint; make the runs longer"
 
     final = start_train(dataset, str(out_dir), tmp_path / 'final.log', init_from='resume', **settings)
