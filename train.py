@@ -1,6 +1,6 @@
 """
 This training script runs on a single device (GPU, Apple silicon or CPU) or, under torchrun, with
-distributed data parallel (DDP) on one node or many.
+distributed data parallel (DDP), or FSDP with --fsdp=True, on one node or many.
 
 To run on a single device, example:
 $ python train.py config/train_shakespeare_char.py
@@ -16,8 +16,8 @@ $ torchrun --nproc_per_node=2 --nnodes=2 --node_rank=1 --master_addr=123.456.123
 (If your cluster does not have Infiniband interconnect prepend NCCL_IB_DISABLE=1)
 
 The run's whole future is a function of its checkpoint and (seed, iter_num): the batches of step k and the
-dropout masks are drawn from generators seeded with them, so a resumed run repeats the uninterrupted one
-exactly, and the examples of a step do not depend on how many processes share it.
+dropout masks are drawn from generators seeded with them (and the micro-batch's index), so a resumed run repeats
+the uninterrupted one exactly, and a step computes the same however many processes share it.
 """
 
 import atexit
@@ -44,6 +44,7 @@ from checkpoint import (Tokenizer, claim_out_dir, dataset_dir, fixed_settings, i
                         load_meta, load_tokens, model_from_checkpoint, new_model, pretrained_model, read_manifest,
                         save_checkpoint)
 from configurator import UserError, check_settings, configure, report_errors, settings_of
+from eval import hellaswag_accuracy, hellaswag_item, hellaswag_scores, load_items
 from hardware import (DTYPES, autocast_context, best_device, check_device, held_memory, peak_flops as device_peak_flops,
                       peak_memory)
 from metrics import MetricsLog, WandbRun, plot_losses
@@ -271,7 +272,6 @@ if fsdp:
         fully_shard(block, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
 if hellaswag:  # loaded and encoded now, so that a missing file or an unknown character fails before training
-    from eval import hellaswag_accuracy, hellaswag_item, hellaswag_scores, load_items
     tokenizer = Tokenizer(meta)
     hellaswag_set = load_items(hellaswag, 'validation', ('ctx', 'endings', 'label'), 'hellaswag', hellaswag_items)
     for item in hellaswag_set:
