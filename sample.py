@@ -6,6 +6,7 @@ By default it loads out_dir/best.pt (the model with the best validation loss) if
 out_dir/ckpt.pt (the latest); --checkpoint=ckpt.pt picks the latest explicitly.
 """
 
+import signal
 import sys
 
 import torch
@@ -82,12 +83,19 @@ def cut_at_stop(tokens):
     return tokens[:tokens.index(stop_token)] if stop_token in tokens else tokens
 
 
-# run generation; Ctrl-C stops it, and what was generated until then is printed all the same
+# run generation; Ctrl-C stops it between two tokens, and what was generated until then is printed all the same
 printed, generated = '', []  # the streamed sample
 steps = []  # each step's new tokens, (num_samples, 1)
-interrupted = False
+stop_requested = False
 # with several samples, a progress bar on stderr while the batch is generated; none when stderr is not a terminal
 bar = tqdm(total=max_new_tokens, desc='generating', unit='tok', file=sys.stderr, disable=True if num_samples == 1 else None)
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    if stop_requested:  # a second Ctrl-C: at once
+        raise KeyboardInterrupt
+    stop_requested = True
 
 
 def on_token(next_tokens):
@@ -95,16 +103,19 @@ def on_token(next_tokens):
     if num_samples == 1:
         stream(next_tokens)
     bar.update()
+    if stop_requested:
+        raise KeyboardInterrupt  # here, between tokens, where everything generated is also printed
 
 
 if num_samples == 1:
     print(start, end='', flush=True)
+signal.signal(signal.SIGINT, request_stop)
 try:
     with torch.no_grad(), ctx:
         model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
                        stop_token=stop_token, on_token=on_token)
 except KeyboardInterrupt:
-    interrupted = True
+    stop_requested = True
 bar.close()
 if num_samples == 1:
     print(decode(generated)[len(printed):])
@@ -114,6 +125,6 @@ else:
     for tokens in rows:
         print(start + decode(cut_at_stop(tokens)))
         print('---------------')
-if interrupted:
+if stop_requested:
     print(f"interrupted after {len(steps)} of {max_new_tokens} new tokens", file=sys.stderr)
     sys.exit(130)

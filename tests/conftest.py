@@ -26,11 +26,9 @@ def shakespeare_path():
 @pytest.fixture
 def tiktoken_cache(monkeypatch):
     """Make tiktoken's GPT-2 BPE loadable without network (here and in subprocesses), or skip the test."""
-    if os.environ.get('TIKTOKEN_CACHE_DIR'):
-        return os.environ['TIKTOKEN_CACHE_DIR']
-    data_dir = os.environ.get('NANOGPT_DATA_DIR')
-    cache_dir = os.path.join(data_dir, 'tiktoken') if data_dir else None
-    if cache_dir is None or not os.path.isdir(cache_dir):
+    from scripts import tiktoken_cache_dir
+    cache_dir = tiktoken_cache_dir()
+    if cache_dir is None:
         pytest.skip("tiktoken's GPT-2 BPE files not found: set NANOGPT_DATA_DIR to the folder holding tiktoken/ "
                     "(or TIKTOKEN_CACHE_DIR to tiktoken's cache)")
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', cache_dir)

@@ -15,6 +15,16 @@ TINY = dict(device='cpu', compile=False, dtype='float32', n_layer=2, n_head=2, n
             bias=False, wandb_log=False, always_save_checkpoint=True)
 
 
+def tiktoken_cache_dir():
+    """A folder holding tiktoken's cache of the GPT-2 BPE files (TIKTOKEN_CACHE_DIR, else $NANOGPT_DATA_DIR/tiktoken),
+    or None when there is none."""
+    data_dir = os.environ.get('NANOGPT_DATA_DIR')
+    for cache_dir in (os.environ.get('TIKTOKEN_CACHE_DIR'), data_dir and os.path.join(data_dir, 'tiktoken')):
+        if cache_dir and os.path.isdir(cache_dir):
+            return cache_dir
+    return None
+
+
 def script_env(**extra):
     """The environment for a script: unbuffered output, one thread per process (tests run side by side)."""
     env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', WANDB_MODE='offline',

@@ -17,7 +17,7 @@ import export_hf
 from configurator import UserError
 from model import GPT, GPTConfig
 
-from scripts import REPO_ROOT
+from scripts import REPO_ROOT, tiktoken_cache_dir
 
 GPT2_VOCAB = 50257
 PADDED_VOCAB = 50304
@@ -44,13 +44,6 @@ def run_export(*args, env_extra=None):
 def all_logits(model, idx):
     with torch.no_grad():
         return model(idx, targets=torch.zeros_like(idx))[0]
-
-
-def tiktoken_cache_dir():
-    if os.environ.get('TIKTOKEN_CACHE_DIR'):
-        return os.environ['TIKTOKEN_CACHE_DIR']
-    data_dir = os.environ.get('NANOGPT_DATA_DIR')
-    return os.path.join(data_dir, 'tiktoken') if data_dir else None
 
 
 @pytest.fixture(scope='module')

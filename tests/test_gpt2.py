@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from scripts import REPO_ROOT, TINY, args_of, assert_one_line_error, iter_losses, run_script, script_env
+from scripts import REPO_ROOT, TINY, args_of, assert_one_line_error, iter_losses, run_script, script_env, tiktoken_cache_dir
 
 
 @pytest.fixture(scope='module')
@@ -18,8 +18,9 @@ def finetuned(tmp_path_factory, small_text):
     50257-token vocabulary and a 128-token context, on small_text prepared by data/shakespeare/prepare.py:
     the finetune's out_dir."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    if not os.environ.get('TIKTOKEN_CACHE_DIR'):
-        pytest.skip("tiktoken's GPT-2 BPE files not found: set TIKTOKEN_CACHE_DIR to tiktoken's cache")
+    if tiktoken_cache_dir() is None:
+        pytest.skip("tiktoken's GPT-2 BPE files not found: set NANOGPT_DATA_DIR to the folder holding tiktoken/")
+    os.environ['TIKTOKEN_CACHE_DIR'] = tiktoken_cache_dir()  # for every script these tests run
     root = tmp_path_factory.mktemp('finetune')
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_positions=128, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
