@@ -9,6 +9,10 @@ Sampling reports the prompt's latency, then per-token latency and tokens/s with 
 (greedy, so both produce the same tokens), and per-token latency along the sequence.
 """
 
+from configurator import UserError, configure, report_errors
+
+report_errors()  # first: a mistake is one 'error:' line, Ctrl-C (even while importing) no traceback
+
 import os
 import time
 
@@ -17,10 +21,7 @@ import torch
 
 from checkpoint import (dataset_dir, is_pretrained_name, load_checkpoint, load_tokens, model_from_checkpoint,
                         new_model, pretrained_model)
-from configurator import UserError, configure, report_errors
 from hardware import autocast_context, best_device, check_device, peak_flops as device_peak_flops, peak_memory, sync
-
-report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
 
 # -----------------------------------------------------------------------------
 mode = 'train'  # 'train' or 'sample'
@@ -83,6 +84,9 @@ if block_size < model.config.block_size:
     model.crop_block_size(block_size)
 block_size = model.config.block_size
 vocab_size = model.config.vocab_size
+if mode == 'sample' and prompt_tokens >= block_size:  # the prompt alone would fill the context: nothing cached
+    raise UserError(f"prompt_tokens={prompt_tokens} leaves no room in the model's context of {block_size} tokens; "
+                    f"use fewer than {block_size}")
 model.to(device)
 cfg = model.config
 print(f"{mode}: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block {block_size}, vocab {vocab_size}, "
@@ -115,7 +119,11 @@ def train():
 
         def get_batch():
             ix = rng.integers(len(data) - block_size, size=batch_size)
-            windows = torch.from_numpy(data[ix[:, None] + offsets].astype(np.int64)).to(device)
+            tokens = data[ix[:, None] + offsets]
+            if tokens.max() >= vocab_size:  # as in train.py: an id past the embedding table is no IndexError
+                raise UserError(f"{path} holds token id {tokens.max()}, beyond the model's vocabulary of "
+                                f"{vocab_size}: it was prepared with another tokenizer")
+            windows = torch.from_numpy(tokens.astype(np.int64)).to(device)
             return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
     else:
         # one fixed batch of random tokens, as nanoGPT's bench.py: the model does the same work on any tokens

@@ -8,6 +8,8 @@ import errno
 import json
 import os
 import pickle
+import shutil
+import tempfile
 from dataclasses import asdict
 
 import numpy as np
@@ -53,14 +55,24 @@ def save_checkpoint(state, path):
             finally:
                 os.close(dir_fd)
     except Exception as e:  # OSError, or torch's RuntimeError from its zip writer: all the same to the user
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or 'write failed' in str(e)
+        # torch's zip writer does not say ENOSPC; the space left (the partial temp file still there) does
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or free_bytes(directory) < 2**20
+        reason = ('the disk is full' if full else e.strerror if isinstance(e, OSError) and e.strerror
+                  else first_line(e))
         fix = 'free some disk space' if full else 'check that --out_dir is writable'
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        then = 'resume' if os.path.exists(os.path.join(directory, 'ckpt.pt')) else 'run again'
         raise UserError(f"could not write checkpoint {path}: {reason}; the previous checkpoint, if any, is "
-                        f"intact. To go on, {fix} or choose another --out_dir, then resume") from None
+                        f"intact. To go on, {fix} or choose another --out_dir, then {then}") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def free_bytes(directory):
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return float('inf')  # unknown: assume room
 
 
 def first_line(error):
@@ -68,21 +80,27 @@ def first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, required=()):
     """A checkpoint dict loaded with weights_only=True (tensors and plain values only, no code runs),
-    checked for the keys every checkpoint has, with the '_orig_mod.' prefix of compiled models removed."""
+    checked for the keys every checkpoint has (and the keys required), with the '_orig_mod.' prefix of compiled
+    models removed."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}; train one first (python train.py ...) or point --out_dir at "
                         "the directory that holds ckpt.pt")
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickle with code in it...: all the same to the user
-        raise UserError(f"{path} is not a readable checkpoint (truncated, corrupt, or not written by train.py): "
-                        f"{first_line(e)}") from None
+        # (torch's own message suggests weights_only=False, which would run whatever code the file holds)
+        raise UserError(f"{path} is not a readable checkpoint (truncated, corrupt, holding more than tensors and "
+                        f"plain values, or not written by train.py; {type(e).__name__})") from None
     if (not isinstance(checkpoint, dict) or not {'model', 'model_args'} <= set(checkpoint)
             or not isinstance(checkpoint['model'], dict)):
         raise UserError(f"{path} is not a checkpoint written by train.py or nanoGPT (it lacks 'model' and "
                         "'model_args')")
+    missing = [key for key in required if key not in checkpoint]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}, so training cannot resume from it (best.pt holds "
+                        "the weights only); resume from the ckpt.pt that train.py wrote")
     # torch.compile wraps the model and prefixes its keys, and nanoGPT on old torch saved a causal mask
     # buffer as attn.bias: neither is a weight of ours
     checkpoint['model'] = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()
@@ -112,8 +130,9 @@ def model_from_checkpoint(checkpoint, dropout=None):
     model = new_model(model_args, "the checkpoint's model_args")
     try:
         model.load_state_dict(checkpoint['model'])
-    except RuntimeError as e:
-        raise UserError(f"the checkpoint's weights do not fit its model_args: {first_line(e)}") from None
+    except RuntimeError as e:  # its first line is a heading; the next ones say which weights
+        details = '; '.join(line.strip() for line in str(e).splitlines()[1:3])
+        raise UserError(f"the checkpoint's weights do not fit its model_args: {details}") from None
     return model
 
 
@@ -123,6 +142,9 @@ def pretrained_model(name_or_path, dropout=None):
         return GPT.from_pretrained(name_or_path, None if dropout is None else {'dropout': dropout})
     except ValueError as e:
         raise UserError(str(e)) from None
+    except Exception as e:  # damaged weight files: safetensors' and torch's errors of every kind
+        raise UserError(f"could not load GPT-2 weights from '{name_or_path}' (damaged or incomplete files?): "
+                        f"{type(e).__name__}: {first_line(e)}") from None
 
 
 def is_pretrained_name(init_from):
@@ -192,17 +214,17 @@ class Tokenizer:
 
 def claim_out_dir(out_dir, resuming, start_over):
     """Lock out_dir for this run (see lock_out_dir) and make sure a new run never replaces an earlier run's
-    checkpoints by accident: only a resumed run, or one told to start over (which deletes them), may go on."""
+    checkpoints by accident: only a resumed run, or one told to start over, may go on. Returns the lock and the
+    paths of the checkpoints that starting over will delete (once every other check has passed)."""
     lock = lock_out_dir(out_dir)
     earlier = [name for name in CHECKPOINT_FILES if os.path.exists(os.path.join(out_dir, name))]
-    if earlier and not resuming:
-        if not start_over:
-            raise UserError(f"{out_dir} holds {' and '.join(earlier)} of an earlier run; continue it with "
-                            "--init_from=resume, use another --out_dir, or delete it and start over with "
-                            "--start_over=True")
-        for name in earlier:
-            os.remove(os.path.join(out_dir, name))
-    return lock
+    if resuming or not earlier:
+        return lock, []
+    if not start_over:
+        raise UserError(f"{out_dir} holds {' and '.join(earlier)} of an earlier run; continue it with "
+                        "--init_from=resume, use another --out_dir, or delete it and start over with "
+                        "--start_over=True")
+    return lock, [os.path.join(out_dir, name) for name in earlier]
 
 
 def lock_out_dir(out_dir):
@@ -231,6 +253,12 @@ def lock_out_dir(out_dir):
     lock.truncate()
     lock.write(f"{os.getpid()}\n")
     lock.flush()
+    try:  # the lock file may be old: make sure a new file can be created here now
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix='.probe'):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write in out_dir {out_dir} ({e.strerror}); check its permissions or choose "
+                        "another --out_dir") from None
     return lock
 
 

@@ -51,11 +51,15 @@ def settings_of(namespace):
 # what every setting must be, for whichever script has it: one table, checked before any work
 RULES = [
     (('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'gradient_accumulation_steps', 'eval_interval',
-      'eval_iters', 'log_interval', 'num_samples', 'max_new_tokens', 'num_steps', 'prompt_tokens', 'hellaswag_items'),
+      'eval_iters', 'log_interval', 'num_samples', 'max_new_tokens', 'num_steps', 'prompt_tokens', 'hellaswag_items',
+      'warmup_steps'),
      lambda v: v >= 1, "1 or more"),
-    (('max_iters', 'warmup_iters', 'lr_decay_iters', 'warmup_steps', 'top_k', 'vocab_size', 'seed', 'stride',
-      'limit', 'learning_rate', 'min_lr', 'muon_lr', 'weight_decay', 'grad_clip', 'temperature', 'peak_flops'),
+    (('max_iters', 'warmup_iters', 'lr_decay_iters', 'top_k', 'vocab_size', 'stride', 'limit', 'learning_rate',
+      'min_lr', 'muon_lr', 'weight_decay', 'grad_clip', 'peak_flops'),
      lambda v: v >= 0, "0 or more"),
+    (('seed',), lambda v: 0 <= v < 2**63, "0 or more and below 2**63"),
+    (('temperature',), lambda v: v == 0 or v >= 1e-3, "0 (greedy) or 0.001 or more (smaller ones are greedy in "
+                                                      "effect and overflow)"),
     (('dropout', 'beta1', 'beta2'), lambda v: 0 <= v < 1, "at least 0 and below 1"),
     (('top_p',), lambda v: 0 < v <= 1, "above 0 and at most 1"),
     (('backend',), lambda v: v in ('', 'nccl', 'gloo'), "'' (automatic), nccl or gloo"),
@@ -176,6 +180,8 @@ def apply_config_file(namespace, known, path, echo=True):
     except OSError as e:
         raise UserError(f"config file '{path}' could not be read ({e.strerror}); config files are passed as "
                         "paths, e.g. python train.py config/train_shakespeare_char.py") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file '{path}' is not UTF-8 text; save it as UTF-8") from None
     if echo:
         print(f"Overriding config with {path}:\n{source}", file=sys.stderr)
     file_globals = {k: namespace[k] for k in known}  # a config file may build on the values set so far

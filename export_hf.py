@@ -6,6 +6,11 @@ This is the reverse of GPT.from_pretrained in model.py: the parameter names are 
 Conv1D weights of Hugging Face's GPT-2 are stored transposed relative to our nn.Linear.
 """
 
+from configurator import UserError, configure, report_errors
+
+if __name__ == '__main__':
+    report_errors()  # first: a mistake is one 'error:' line, Ctrl-C (even while importing) no traceback
+
 import hashlib
 import os
 import shutil
@@ -14,7 +19,6 @@ import tempfile
 import torch
 
 from checkpoint import first_line, load_checkpoint, model_from_checkpoint
-from configurator import UserError, configure, report_errors
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's directory
@@ -145,6 +149,5 @@ def check_writable(directory):
 
 
 if __name__ == '__main__':
-    report_errors()
     configure(globals())
     main()

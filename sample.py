@@ -6,6 +6,10 @@ By default it loads out_dir/best.pt (the model with the best validation loss) if
 out_dir/ckpt.pt (the latest); --checkpoint=ckpt.pt picks the latest explicitly.
 """
 
+from configurator import UserError, configure, report_errors
+
+report_errors()  # first: a mistake is one 'error:' line, Ctrl-C (even while importing) no traceback
+
 import signal
 import sys
 
@@ -13,10 +17,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import Tokenizer, load_model
-from configurator import UserError, configure, report_errors
 from hardware import autocast_context, best_device, check_device
-
-report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), a GPT-2 name ('gpt2' ... 'gpt2-xl') or a local Hugging Face directory

@@ -20,6 +20,10 @@ dropout masks are drawn from generators seeded with them (and the micro-batch's 
 the uninterrupted one exactly, and a step computes the same however many processes share it.
 """
 
+from configurator import UserError, check_settings, configure, report_errors, settings_of
+
+report_errors()  # first: a mistake is one 'error:' line, Ctrl-C (even while importing) no traceback
+
 import atexit
 import math
 import os
@@ -40,16 +44,13 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (Tokenizer, claim_out_dir, dataset_dir, fixed_settings, is_pretrained_name, load_checkpoint,
-                        load_meta, load_tokens, model_from_checkpoint, new_model, pretrained_model, read_manifest,
-                        save_checkpoint)
-from configurator import UserError, check_settings, configure, report_errors, settings_of
+from checkpoint import (Tokenizer, claim_out_dir, dataset_dir, fixed_settings, free_bytes, is_pretrained_name,
+                        load_checkpoint, load_meta, load_tokens, model_from_checkpoint, new_model, pretrained_model,
+                        read_manifest, save_checkpoint)
 from eval import hellaswag_accuracy, hellaswag_item, hellaswag_scores, load_items
 from hardware import (DTYPES, autocast_context, best_device, check_device, held_memory, peak_flops as device_peak_flops,
                       peak_memory)
 from metrics import MetricsLog, WandbRun, plot_losses
-
-report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a gpt2 (124M) on OpenWebText
@@ -111,11 +112,14 @@ config_keys = settings_of(globals())
 user_keys = configure(globals())  # overrides from the command line or config files, checked
 if 'compile' not in user_keys:
     compile = device.startswith('cuda')
+if init_from not in ('scratch', 'resume') and not is_pretrained_name(init_from):
+    raise UserError(f"unknown init_from '{init_from}': use scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+                    "or a local directory holding Hugging Face GPT-2 weights")
 checkpoint = None
 if init_from == 'resume':
     # a resumed run continues with its saved settings; what is given now (e.g. a larger max_iters) wins,
     # except the machine-specific ones, which are always this run's
-    checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), required=('optimizer', 'iter_num', 'best_val_loss'))
     machine_keys = {'out_dir', 'init_from', 'start_over', 'device', 'dtype', 'compile', 'backend', 'fsdp',
                     'activation_checkpointing', 'peak_flops'}
     for k, v in checkpoint.get('config', {}).items():
@@ -153,8 +157,6 @@ master_process = ddp_rank == 0  # this process will do logging, checkpointing et
 device_type, dtype = check_device(device, dtype)
 if fsdp and dtype == 'float16':
     raise UserError("fsdp=True has no gradient scaler for float16 here; use --dtype=bfloat16 (or float32)")
-if master_process and not eval_only:
-    out_dir_lock = claim_out_dir(out_dir, resuming=init_from == 'resume', start_over=start_over)  # held to the end
 if ddp:
     if device_type == 'cuda':
         torch.cuda.set_device(device)
@@ -182,8 +184,9 @@ if missing:
         raise UserError(f"no {' or '.join(missing)} in {data_dir}; prepare the dataset first: python {prepare_script}")
     if ddp_local_rank == 0:  # small datasets are prepared on the spot, once per node
         print(f"dataset '{dataset}' is not prepared yet; running {prepare_script}", flush=True)
-        if subprocess.run([sys.executable, prepare_script]).returncode != 0:
-            raise UserError(f"{prepare_script} failed; see its message above")
+        returncode = subprocess.run([sys.executable, prepare_script]).returncode
+        if returncode != 0:
+            sys.exit(returncode)  # its own error line says why
     if ddp:
         dist.barrier()
 manifest = read_manifest(data_dir)  # None for a dataset prepared elsewhere (by nanoGPT, say)
@@ -192,6 +195,9 @@ for split, data in (('train', train_data), ('val', val_data)):
     if len(data) <= block_size:
         raise UserError(f"the {split} split of '{dataset}' has {len(data)} tokens, too few for "
                         f"block_size={block_size}; use a smaller --block_size or more data")
+superseded = []  # an earlier run's checkpoints, which --start_over=True deletes once every check has passed
+if master_process and not eval_only:
+    out_dir_lock, superseded = claim_out_dir(out_dir, resuming=init_from == 'resume', start_over=start_over)
 offsets = np.arange(block_size + 1)
 
 
@@ -241,19 +247,27 @@ if init_from == 'scratch':
                       vocab_size=meta_vocab_size or 50304, dropout=dropout,  # 50304: GPT-2's 50257, padded
                       rope=rope, qk_norm=qk_norm)
     model = new_model(model_args, "the settings")
+    model_meta = meta
 elif init_from == 'resume':
     if master_process:
         print(f"Resuming training from {out_dir} at iter {checkpoint['iter_num']}")
     model = model_from_checkpoint(checkpoint, dropout=dropout)
     iter_num = checkpoint['iter_num']
     best_val_loss = float(checkpoint['best_val_loss'])
-elif is_pretrained_name(init_from):
+    model_meta = checkpoint.get('meta', meta)  # nanoGPT's checkpoints record no vocabulary: take the dataset's
+    if iter_num >= max_iters and not eval_only:
+        raise UserError(f"the checkpoint in {out_dir} is at iter {iter_num} and max_iters={max_iters}: nothing is "
+                        f"left to train; pass a larger --max_iters to train on")
+else:
     if master_process:
         print(f"Initializing from GPT-2 weights: {init_from}")
     model = pretrained_model(init_from, dropout=dropout)
-else:
-    raise UserError(f"unknown init_from '{init_from}': use scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
-                    "or a local directory holding Hugging Face GPT-2 weights")
+    model_meta = None  # GPT-2's BPE
+if (model_meta or {}).get('stoi') != (meta or {}).get('stoi'):  # ids would mean other characters, or BPE pieces
+    reads, holds = (f"a {len(m['stoi'])}-character vocabulary (meta.pkl)" if m else "GPT-2's BPE tokens"
+                    for m in (model_meta, meta))
+    raise UserError(f"the model reads {reads} but dataset '{dataset}' holds {holds}; train it on a dataset "
+                    "prepared with its own vocabulary, or start from scratch")
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # e.g. GPT-2's 1024 cropped to a shorter context for finetuning
 if block_size > model.config.block_size:
@@ -262,6 +276,12 @@ if data_vocab_size and data_vocab_size > model.config.vocab_size:
     raise UserError(f"dataset '{dataset}' has {data_vocab_size} tokens in its vocabulary, more than the model's "
                     f"{model.config.vocab_size}; train from scratch on it instead")
 model_args = asdict(model.config)  # all of GPTConfig: sample.py and resume rebuild the same model
+# a checkpoint holds the weights and AdamW's two moments: 12 bytes per parameter, written beside the old one
+checkpoint_bytes = 12 * sum(p.numel() for p in model.parameters())
+if master_process and not eval_only and free_bytes(out_dir) < checkpoint_bytes:
+    raise UserError(f"the disk holding {out_dir} has {free_bytes(out_dir) / 2**20:.0f} MiB free, and a checkpoint "
+                    f"of this model needs about {checkpoint_bytes / 2**20:.0f} MiB; free some space or choose "
+                    "another --out_dir")
 model.to(device)
 model.activation_checkpointing = activation_checkpointing
 if fsdp:
@@ -417,6 +437,8 @@ metrics = MetricsLog(os.path.join(out_dir, 'log.jsonl'), resume_from=resumed_at,
 wandb_run = WandbRun(wandb_log and master_process, wandb_project, wandb_run_name, config,
                      checkpoint.get('wandb_run_id') if checkpoint else None)
 checkpoint = None  # free up memory
+for path in superseded:  # every check passed: the earlier run's checkpoints make way (--start_over=True)
+    os.remove(path)
 
 # training loop
 X, Y = get_batch('train', train_key(iter_num, ddp_rank * micro_steps))  # fetch the very first batch

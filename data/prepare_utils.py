@@ -28,9 +28,16 @@ SHAKESPEARE_DIRS = ('shakespeare_char', 'shakespeare')  # both read the same dow
 DATASET_FILES = ('train.bin', 'val.bin', 'meta.pkl')
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, reporting a mistake (an unknown flag, a bad number) as the one 'error:' line."""
+
+    def error(self, message):
+        raise UserError(f"{message}; see python {self.prog} --help")
+
+
 def text_arguments(script_dir, description):
     """--input, --out_dir and --val_fraction of the scripts that prepare one text file."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)
     parser.add_argument('--input', help="UTF-8 text file to prepare instead of tiny Shakespeare's input.txt "
                                         f"(default: downloaded from {TINY_SHAKESPEARE_URL})")
     parser.add_argument('--out_dir', default=script_dir, help="where to write the dataset (default: this folder); "

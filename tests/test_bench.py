@@ -69,6 +69,17 @@ def test_sample_mode_from_a_checkpoint(tmp_path, small_text):
     assert re.search(r'^\| KV cache \|', proc.stdout, re.M)
 
 
+def test_a_dataset_beyond_the_model_vocabulary_fails_with_one_line(tmp_path, small_text):
+    dataset = prepare_char_dataset(tmp_path, small_text)  # ids up to its character count, above vocab_size 8
+    proc = bench(*args_of(dict(SHAPE, vocab_size=8)), f'--dataset={dataset}', '--warmup_steps=1', check=False)
+    assert "beyond the model's vocabulary of 8" in assert_one_line_error(proc)
+
+
+def test_a_prompt_that_fills_the_context_fails_with_one_line():
+    proc = bench(*args_of(SHAPE), '--mode=sample', '--prompt_tokens=16', check=False)
+    assert 'prompt_tokens=16 leaves no room' in assert_one_line_error(proc)
+
+
 def test_unknown_mode_fails_with_one_line():
     assert 'unknown mode' in assert_one_line_error(bench('--mode=fast', check=False))
 

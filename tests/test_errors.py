@@ -76,6 +76,13 @@ def test_value_of_the_wrong_type_names_the_expected_type():
     assert "'batch_size'" in error and 'expects int' in error and "'abc'" in error
 
 
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    config = tmp_path / 'latin1.py'
+    config.write_bytes('# café\nbatch_size = 4\n'.encode('latin-1'))
+    error = assert_one_line_error(run_script('train.py', str(config), check=False))
+    assert f"config file '{config}' is not UTF-8 text" in error
+
+
 def test_missing_config_file_says_it_cannot_be_read():
     proc = run_script('train.py', 'config/nope.py', check=False)
     error = assert_one_line_error(proc)
@@ -86,7 +93,8 @@ def test_missing_config_file_says_it_cannot_be_read():
     ('train.py', 'gradient_accumulation_steps=0'), ('train.py', 'eval_interval=0'),
     ('train.py', 'learning_rate=-0.001'), ('train.py', 'batch_size=0'), ('train.py', 'beta2=1.0'),
     ('sample.py', 'temperature=-1.0'), ('sample.py', 'top_k=-1'), ('sample.py', 'top_p=0.0'),
-    ('bench.py', 'num_steps=0'),
+    ('bench.py', 'num_steps=0'), ('bench.py', 'warmup_steps=0'), ('sample.py', 'temperature=1e-45'),
+    ('train.py', 'seed=18446744073709551616'),
 ])
 def test_out_of_range_setting_stops_before_any_work(tmp_path, dataset, trained, script, setting):
     out_dir = copy_of(trained, tmp_path, 'out')
@@ -179,6 +187,15 @@ def test_a_new_start_in_an_out_dir_holding_a_run_is_refused_and_keeps_it(tmp_pat
     assert '--init_from=resume' in error and '--out_dir' in error and '--start_over=True' in error
 
 
+@pytest.mark.parametrize('mistake', ['a missing dataset', 'a missing HellaSwag file (loaded after the model)'])
+def test_start_over_keeps_the_earlier_run_when_another_check_fails(tmp_path, dataset, trained, mistake):
+    out_dir = copy_of(trained, tmp_path, 'out')
+    before = run_files(out_dir)
+    settings = dict(dataset=str(tmp_path / 'nothing')) if mistake == 'a missing dataset' else \
+        dict(dataset=dataset, hellaswag=str(tmp_path / 'hellaswag.jsonl'))
+    assert_refused(train(out_dir=out_dir, check=False, start_over=True, **settings), before, out_dir)
+
+
 def test_start_over_replaces_the_earlier_run_on_purpose(tmp_path, dataset, trained):
     out_dir = copy_of(trained, tmp_path, 'out')
     proc = train(dataset, out_dir, max_iters=4, eval_interval=4, start_over=True)
@@ -187,6 +204,18 @@ def test_start_over_replaces_the_earlier_run_on_purpose(tmp_path, dataset, train
     assert load_checkpoint(os.path.join(out_dir, 'best.pt'))['iter_num'] == 4  # not the old run's best
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
         assert max(json.loads(line)['iter'] for line in f) == 4  # a fresh log
+
+
+def test_an_unknown_init_from_stops_before_out_dir_is_made(tmp_path, dataset):
+    error = assert_one_line_error(train(dataset, str(tmp_path / 'out'), check=False, init_from='gtp2'))
+    assert "unknown init_from 'gtp2'" in error and not (tmp_path / 'out').exists()
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(tmp_path, dataset, trained):
+    out_dir = copy_of(trained, tmp_path, 'out')
+    before = run_files(out_dir)
+    error = assert_refused(train(dataset, out_dir, check=False, init_from='resume', max_iters=10), before, out_dir)
+    assert 'at iter 10 and max_iters=10' in error and '--max_iters' in error
 
 
 def test_a_second_run_on_the_same_out_dir_stops_at_once_naming_the_first(tmp_path, dataset):
@@ -316,7 +345,17 @@ def test_resuming_a_character_model_on_a_bpe_dataset_is_refused(tmp_path, small_
     out_dir = copy_of(trained, tmp_path, 'out')
     before = run_files(out_dir)
     error = assert_refused(train(str(bpe), out_dir, check=False, init_from='resume', max_iters=20), before, out_dir)
-    assert '50257 tokens in its vocabulary' in error and "more than the model's" in error
+    assert re.search(r'the model reads a \d+-character vocabulary', error) and "holds GPT-2's BPE tokens" in error
+
+
+def test_gpt2_weights_on_a_character_dataset_are_refused(tmp_path, dataset):
+    """GPT-2's token ids are BPE pieces: trained on character ids it would learn nonsense and sample garbage."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    hf = tmp_path / 'hf'
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=100)).save_pretrained(hf)
+    error = assert_one_line_error(train(dataset, str(tmp_path / 'out'), check=False, init_from=str(hf)))
+    assert "the model reads GPT-2's BPE tokens" in error and re.search(r'holds a \d+-character vocabulary', error)
+    assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
 
 
 def test_a_dataset_whose_preparation_was_interrupted_is_refused(tmp_path, dataset, trained):
@@ -396,6 +435,47 @@ def test_damaged_checkpoint_is_one_clear_line(tmp_path, dataset, trained, script
         args = [f'--out_dir={out_dir}', '--device=cpu', '--num_samples=1', '--max_new_tokens=5']
     error = assert_one_line_error(run_script(script, *args, check=False))
     assert f'{ckpt_path} is not a readable checkpoint' in error
+    assert 'weights_only' not in error  # torch's advice to load it anyway would run any code in the file
+
+
+@pytest.mark.parametrize('missing', ['optimizer', 'iter_num'])
+def test_a_checkpoint_without_what_resuming_needs_is_refused(tmp_path, dataset, trained, missing):
+    out_dir = copy_of(trained, tmp_path, 'out')
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    checkpoint = torch.load(ckpt_path, weights_only=True)
+    del checkpoint[missing]
+    torch.save(checkpoint, ckpt_path)
+    before = run_files(out_dir)
+    error = assert_refused(train(dataset, out_dir, check=False, init_from='resume', max_iters=20), before, out_dir)
+    assert f'{ckpt_path} lacks {missing}' in error and 'cannot resume' in error
+
+
+def test_checkpoint_weights_of_the_wrong_shape_name_the_weight(tmp_path, trained):
+    out_dir = copy_of(trained, tmp_path, 'out')
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    checkpoint = torch.load(ckpt_path, weights_only=True)
+    checkpoint['model']['lm_head.weight'] = checkpoint['model']['lm_head.weight'][:, :-1]
+    torch.save(checkpoint, ckpt_path)
+    os.remove(os.path.join(out_dir, 'best.pt'))
+    error = assert_one_line_error(run_script('sample.py', f'--out_dir={out_dir}', '--device=cpu', check=False))
+    assert "weights do not fit its model_args" in error and 'lm_head.weight' in error
+
+
+@pytest.mark.parametrize('damage', ['truncated model.safetensors', 'random pytorch_model.bin'])
+def test_a_hugging_face_directory_with_damaged_weights_is_one_line(tmp_path, dataset, damage):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    hf = tmp_path / 'hf'
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32)).save_pretrained(hf)
+    if damage == 'truncated model.safetensors':
+        with open(hf / 'model.safetensors', 'r+b') as f:
+            f.truncate(100)
+    else:
+        os.remove(hf / 'model.safetensors')
+        (hf / 'pytorch_model.bin').write_bytes(os.urandom(5000))
+    for script, args in (('train.py', tiny_args(dataset, str(tmp_path / 'out'), init_from=str(hf))),
+                         ('sample.py', [f'--init_from={hf}', '--device=cpu'])):
+        error = assert_one_line_error(run_script(script, *args, check=False))
+        assert f"could not load GPT-2 weights from '{hf}'" in error
 
 
 # ----------------------------------------------------------------------------- disks and permissions
@@ -408,10 +488,41 @@ def test_a_full_disk_while_saving_stops_the_run_and_keeps_its_checkpoints(tmp_pa
         os.symlink('/dev/full', os.path.join(out_dir, f'.{name}.tmp'))
     proc = train(dataset, out_dir, check=False, init_from='resume', max_iters=20, always_save_checkpoint=True)
     error = assert_one_line_error(proc)
-    assert 'could not write checkpoint' in error and 'No space left on device' in error
+    assert 'could not write checkpoint' in error and 'the disk is full' in error
     assert 'free some disk space' in error and 'intact' in error
     assert {k: v for k, v in run_files(out_dir).items() if k != 'log.jsonl'} == \
         {k: v for k, v in before.items() if k != 'log.jsonl'}
+
+
+def test_a_disk_too_full_for_a_checkpoint_stops_before_training(tmp_path, dataset, trained):
+    # a stand-in for a full disk: shutil.disk_usage reports 1 KiB free
+    full = tmp_path / 'full'
+    full.mkdir()
+    (full / 'sitecustomize.py').write_text("import shutil, collections\n"
+                                           "shutil.disk_usage = lambda path: collections.namedtuple("
+                                           "'usage', 'total used free')(2**30, 2**30 - 1024, 1024)\n")
+    out_dir = copy_of(trained, tmp_path, 'out')
+    before = run_files(out_dir)
+    proc = train(dataset, out_dir, check=False, env=script_env(PYTHONPATH=full), init_from='resume', max_iters=20)
+    error = assert_refused(proc, before, out_dir)
+    assert f'the disk holding {out_dir} has 0 MiB free' in error and 'free some space' in error
+    assert iter_losses(proc.stdout) == {}
+
+
+@pytest.mark.skipif(shutil.which('chattr') is None, reason="needs chattr")
+def test_an_out_dir_where_no_file_can_be_made_stops_before_training(tmp_path, dataset, trained):
+    out_dir = copy_of(trained, tmp_path, 'out')
+    with open(os.path.join(out_dir, '.lock'), 'w'):
+        pass
+    if subprocess.run(['chattr', '+i', out_dir], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a directory immutable here (needs root and a file system that supports it)")
+    try:
+        before = run_files(out_dir)
+        proc = train(dataset, out_dir, check=False, init_from='resume', max_iters=20)
+        error = assert_refused(proc, before, out_dir)
+        assert f'cannot write in out_dir {out_dir}' in error and iter_losses(proc.stdout) == {}
+    finally:
+        subprocess.run(['chattr', '-i', out_dir])
 
 
 def test_an_out_dir_that_cannot_be_created_stops_before_any_work(tmp_path, dataset):
@@ -496,6 +607,22 @@ def test_ctrl_c_while_sampling_a_batch_prints_every_sample_so_far_and_exits_130(
     samples = stdout.split('\n---------------\n')
     assert samples[-1] == '' and len(samples) == 4
     assert all(s.startswith('KING:') and len(s) == len('KING:') + n for s in samples[:3]), (n, samples)
+
+
+@pytest.mark.parametrize('script', ['train.py', 'sample.py', 'eval.py', 'export_hf.py', 'bench.py'])
+def test_ctrl_c_while_a_script_imports_torch_shows_no_traceback(script):
+    # -X importtime reports each module as its import ends: a torch submodule means torch is being imported
+    proc = subprocess.Popen([sys.executable, '-X', 'importtime', os.path.join(REPO_ROOT, script)], cwd=REPO_ROOT,
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = []
+    for line in proc.stderr:
+        stderr.append(line)
+        if line.rstrip().endswith(' torch._utils'):
+            proc.send_signal(signal.SIGINT)
+            break
+    stderr.append(proc.communicate(timeout=60)[1])
+    assert proc.returncode in (-signal.SIGINT, 130), ''.join(stderr)[-2000:]
+    assert 'Traceback' not in ''.join(stderr), ''.join(stderr)[-2000:]
 
 
 def test_ctrl_c_in_a_prepare_script_leaves_no_traceback_and_no_temporary_file(tmp_path, small_text):

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from scripts import install_prepare_script
+from scripts import REPO_ROOT, install_prepare_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
@@ -232,6 +232,16 @@ def test_bad_input(tmp_path, name, content, message):
     if content != b'a':  # the too-short message is about the text, not the file
         assert str(input_path) in line
     assert not (script.parent / 'train.bin').exists()
+
+
+@pytest.mark.parametrize('script, flag, message', [
+    ('shakespeare_char', '--val_fraction=abc', "argument --val_fraction: invalid float value: 'abc'"),
+    ('shakespeare', '--bogus=1', 'unrecognized arguments: --bogus=1'),
+    ('openwebtext', '--num_proc=two', "argument --num_proc: invalid int value: 'two'"),
+])
+def test_a_flag_mistake_is_one_line(script, flag, message):
+    line = assert_one_line_error(run(pathlib.Path(REPO_ROOT) / 'data' / script / 'prepare.py', flag))
+    assert message in line and '--help' in line
 
 
 @pytest.mark.parametrize('name', ['shakespeare_char', 'shakespeare'])

@@ -5,7 +5,6 @@ manifest.json. A folder of .txt files is one document per file.
 Usage: python data/openwebtext/prepare.py [--dataset=NAME_OR_PATH] [--text_column=text] [--val_fraction=0.0005]
        [--num_proc=8] [--out_dir=DIR]
 """
-import argparse
 import math
 import os
 import sys
@@ -15,12 +14,12 @@ from tqdm import tqdm
 
 script_dir = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(script_dir))  # data/, for the helpers shared with the other prepare scripts
-from prepare_utils import UserError, begin_dataset, finish_dataset, gpt2_encoding, report_errors
+from prepare_utils import ArgumentParser, UserError, begin_dataset, finish_dataset, gpt2_encoding, report_errors
 
 report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
 MIN_VAL_TOKENS = 4 * 1024  # a few of GPT-2's block_size, so that a small corpus still gets a usable val split
 cpu_count = os.cpu_count() or 1
-parser = argparse.ArgumentParser(description="tokenize a text dataset into train.bin and val.bin")
+parser = ArgumentParser(description="tokenize a text dataset into train.bin and val.bin")
 parser.add_argument('--dataset', default='openwebtext',
                     help="a Hugging Face dataset name, a local folder of .txt (one document per file), "
                          ".json/.jsonl or .parquet files, or one .json/.jsonl/.parquet file")
