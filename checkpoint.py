@@ -57,8 +57,10 @@ def save_checkpoint(state, path):
     except Exception as e:  # OSError, or torch's RuntimeError from its zip writer: all the same to the user
         # torch's zip writer does not say ENOSPC; the space left (the partial temp file still there) does
         full = isinstance(e, OSError) and e.errno == errno.ENOSPC or free_bytes(directory) < 2**20
-        reason = ('the disk is full' if full else e.strerror if isinstance(e, OSError) and e.strerror
-                  else first_line(e))
+        if isinstance(e, OSError) and e.strerror:
+            reason = e.strerror
+        else:
+            reason = 'the disk is full' if full else first_line(e)
         fix = 'free some disk space' if full else 'check that --out_dir is writable'
         then = 'resume' if os.path.exists(os.path.join(directory, 'ckpt.pt')) else 'run again'
         raise UserError(f"could not write checkpoint {path}: {reason}; the previous checkpoint, if any, is "

@@ -9,6 +9,11 @@ $ python eval.py --init_from=gpt2 --tasks=hellaswag,lambada --out=results.json
 Benchmarks are read with datasets.load_dataset: a hub name, or a local .json/.jsonl/.parquet file.
 """
 
+from configurator import UserError, configure, report_errors
+
+if __name__ == '__main__':
+    report_errors()  # first: a mistake is one 'error:' line, Ctrl-C (even while importing) no traceback
+
 import json
 import math
 import os
@@ -20,8 +25,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from checkpoint import Tokenizer, dataset_dir, load_model, load_tokens
-from configurator import UserError, configure, report_errors
+from checkpoint import Tokenizer, dataset_dir, first_line, load_meta, load_model, load_tokens, read_manifest
 from hardware import autocast_context, best_device, check_device
 
 # -----------------------------------------------------------------------------
@@ -32,7 +36,7 @@ tasks = 'text'  # comma-separated: text, hellaswag, lambada
 text = ''  # task text: a UTF-8 file, encoded with the model's own vocabulary
 dataset = ''  # task text, instead of --text: a prepared dataset (as in train.py), its split scored whole
 split = 'val'  # which split of --dataset: 'val' or 'train'
-stride = 0  # task text: tokens between window starts; 0 is block_size (windows side by side), less gives overlap
+stride = 0  # task text: tokens between window starts, at most block_size (the default, 0); less gives overlap
 hellaswag = 'Rowan/hellaswag'  # a hub name, or a local .json/.jsonl/.parquet file with ctx, endings, label
 lambada = 'EleutherAI/lambada_openai'  # a hub name, or a local .json/.jsonl/.parquet file with a text field
 limit = 0  # evaluate only the first N items of each benchmark; 0 is all
@@ -42,6 +46,7 @@ device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the bes
 dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' on CUDA; 'auto' is bfloat16 where supported, else float16
 # -----------------------------------------------------------------------------
 TASKS = ('text', 'hellaswag', 'lambada')
+BUILDERS = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}  # datasets' loader of each local file
 
 
 @torch.no_grad()
@@ -102,6 +107,21 @@ def hellaswag_item(tokenizer, item, block_size):
     return sequences, ending_lengths, int(item['label'])
 
 
+def hellaswag_problem(item):
+    """What is wrong with a HellaSwag item, or '' if nothing: scoring needs a context, 2 or more endings and the
+    index of the right one (an int, or a string of digits as the hub has it)."""
+    ctx, endings, label = item['ctx'], item['endings'], item['label']
+    if not isinstance(ctx, str) or not ctx:  # the first ending token must have a context to be scored given
+        return f"ctx must be a non-empty string, not {shown(ctx)}"
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) and e for e in endings):
+        return f"endings must be a list of 2 or more non-empty strings, not {shown(endings)}"
+    if isinstance(label, str) and label.isdecimal():
+        label = int(label)
+    if type(label) is not int or not 0 <= label < len(endings):
+        return f"label must be the index of the right ending, 0 to {len(endings) - 1}, not {shown(item['label'])}"
+    return ''
+
+
 def hellaswag_scores(model, tokenizer, items, ctx=nullcontext(), progress=True):
     """Per item: (summed loss of each ending's tokens, mean loss per ending token, label). acc picks the lowest
     sum, acc_norm the lowest mean, as build-nanogpt does."""
@@ -120,10 +140,25 @@ def hellaswag_accuracy(scores):
     return {'acc': float(acc), 'acc_norm': float(acc_norm), 'n': len(scores)}
 
 
+def lambada_parts(passage):
+    """A LAMBADA passage's context and its last word, the target. Trailing whitespace (a copy's newline, say) is
+    dropped rather than refused: the word before it is still the one to predict."""
+    context, _, word = passage.rstrip().rpartition(' ')
+    return context, word
+
+
+def lambada_problem(item):
+    """What is wrong with a LAMBADA item, or '' if nothing."""
+    passage = item['text']
+    if not isinstance(passage, str) or not lambada_parts(passage)[0].strip():
+        return f"text must be a passage, words then a space and the last word to predict, not {shown(passage)}"
+    return ''
+
+
 def lambada_item(tokenizer, item, block_size):
     """The tokens of a LAMBADA passage, its last word (with its leading space) the target, cropped on the left
     to block_size + 1 tokens; and the number of target tokens."""
-    context, word = item['text'].rsplit(' ', 1)
+    context, word = lambada_parts(item['text'])
     target = tokenizer.encode(' ' + word, 'a LAMBADA passage')
     return (tokenizer.encode(context, 'a LAMBADA passage') + target)[-(block_size + 1):], len(target)
 
@@ -147,31 +182,87 @@ def lambada_metrics(scores):
             'ppl': float(math.exp(np.mean([loss for loss, _ in scores]))), 'n': len(scores)}
 
 
+ITEM_PROBLEMS = {'hellaswag': hellaswag_problem, 'lambada': lambada_problem}
+
+
+def shown(value):
+    """value's repr, cut short for an error line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + '...'
+
+
 def load_items(source, split, fields, setting, limit=0):
-    """The rows of a benchmark, through datasets.load_dataset: a hub name (its split), or a local file."""
+    """The rows of a benchmark, through datasets.load_dataset: a hub name (its split), or a local file. Each row
+    is checked (ITEM_PROBLEMS), so that a bad one is named before anything is scored."""
     import datasets
-    builders = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
     extension = os.path.splitext(source)[1].lower()
-    if extension in builders and not os.path.isfile(source):
-        raise UserError(f"--{setting}={source}: no such file")
-    try:
-        if os.path.isfile(source):
-            if extension not in builders:
-                raise UserError(f"--{setting}={source}: expected a .json, .jsonl or .parquet file")
-            rows = datasets.load_dataset(builders[extension], data_files=source, split='train')
-        else:
+    if os.path.exists(source) or extension in BUILDERS:  # a local file: what goes wrong is about the file
+        if os.path.isdir(source):
+            raise UserError(f"--{setting}={source} is a directory; pass a .json, .jsonl or .parquet file")
+        if not os.path.isfile(source):
+            raise UserError(f"--{setting}={source}: no such file")
+        if extension not in BUILDERS:
+            raise UserError(f"--{setting}={source}: expected a .json, .jsonl or .parquet file")
+        if os.path.getsize(source) == 0:
+            raise UserError(f"--{setting}={source} is empty")
+        try:
+            rows = datasets.load_dataset(BUILDERS[extension], data_files=source, split='train')
+        except Exception as e:  # datasets wraps the parser's error: its cause says what is wrong in the file
+            raise UserError(f"--{setting}={source} is not a valid {extension} file "
+                            f"({first_line(e.__cause__ or e)})") from None
+    else:
+        try:
             rows = datasets.load_dataset(source, split=split)
-    except UserError:
-        raise
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"could not load {setting} dataset {source!r} ({reason}); without network, download it "
-                        f"elsewhere and pass a local .json/.jsonl/.parquet copy with --{setting}=PATH") from None
+        except Exception as e:
+            raise UserError(f"could not load {setting} dataset {source!r} ({first_line(e)}); without network, "
+                            f"download it elsewhere and pass a local .json/.jsonl/.parquet copy with "
+                            f"--{setting}=PATH") from None
     missing = [f for f in fields if f not in rows.column_names]
     if missing:
         raise UserError(f"{source} has no {', '.join(missing)} field; --{setting} needs rows with {', '.join(fields)}")
     rows = rows.select(range(min(limit, len(rows)))) if limit else rows
-    return [dict(row) for row in rows]
+    items = [dict(row) for row in rows]
+    for i, item in enumerate(items):
+        problem = ITEM_PROBLEMS[setting](item)
+        if problem:
+            raise UserError(f"--{setting}={source}: item {i + 1} is not a {setting} item: {problem}")
+    return items
+
+
+def read_text(path):
+    """The contents of a UTF-8 file, or one line saying why it cannot be read."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"could not read --text={path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def prepared_split(dataset, split):
+    """The token ids of a prepared dataset's split (a memmap), or one line saying how to prepare it."""
+    data_dir = dataset_dir(dataset)
+    read_manifest(data_dir)  # refuses a dataset whose prepare script stopped, or whose files changed since
+    if not os.path.isfile(os.path.join(data_dir, f'{split}.bin')):
+        prepare_script = os.path.join(data_dir, 'prepare.py')
+        how = (f"python {prepare_script}" if os.path.exists(prepare_script) else "make it with a prepare script, "
+               "e.g. python data/openwebtext/prepare.py --dataset=YOUR_TEXT_FOLDER --out_dir=data/NAME")
+        raise UserError(f"no {split}.bin in {data_dir}: --dataset={dataset} is not prepared; prepare it first: {how}")
+    return load_tokens(data_dir, split)
+
+
+def check_tokenizer(tokens, dataset, split, vocab_size, meta):
+    """Refuse a dataset prepared with another tokenizer than the model's: its ids would index past the model's
+    embedding table (an IndexError), or stand for other text than the model learned (a meaningless loss)."""
+    data_meta = load_meta(dataset_dir(dataset))
+    top = int(tokens.max())  # a pass over the split, which is scored whole anyway
+    if top >= vocab_size:
+        why = f"its {split}.bin holds token id {top}, beyond the model's {vocab_size}-token vocabulary"
+    elif data_meta is not None and (meta is None or data_meta['stoi'] != meta['stoi']):
+        why = "its meta.pkl's characters are not the model's vocabulary"
+    else:
+        return
+    raise UserError(f"--dataset={dataset} was prepared with another tokenizer than the model's ({why}); score a "
+                    "dataset prepared as the model's training data was, or a text file with --text=PATH")
 
 
 def main():
@@ -189,33 +280,46 @@ def main():
         check_writable(out)
     device_type, resolved_dtype = check_device(device, dtype)
     ctx = autocast_context(device_type, resolved_dtype)
+    # every file is read and checked before the model is loaded, every item encoded before anything is scored
+    contents = read_text(text) if 'text' in names and text else None
+    data = prepared_split(dataset, split) if 'text' in names and dataset else None
+    items = {}
+    if 'hellaswag' in names:
+        items['hellaswag'] = load_items(hellaswag, 'validation', ('ctx', 'endings', 'label'), 'hellaswag', limit)
+    if 'lambada' in names:
+        items['lambada'] = load_items(lambada, 'test', ('text',), 'lambada', limit)
     model, meta, loaded = load_model(init_from, out_dir, checkpoint)
     print(f"evaluating {loaded}", file=sys.stderr)
     model.to(device)
     tokenizer = Tokenizer(meta)
-    results = {}
+    block_size = model.config.block_size
     if 'text' in names:
+        if stride > block_size:  # each window scores at most block_size tokens: the ones between would be lost
+            raise UserError(f"--stride={stride} is more than the model's block_size ({block_size}), so tokens "
+                            f"between windows would go unscored; use a stride of at most {block_size}")
         if text:
-            try:
-                with open(text, encoding='utf-8') as f:
-                    tokens = tokenizer.encode(f.read(), text)
-            except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"could not read --text={text}: {getattr(e, 'strerror', None) or e}") from None
+            tokens = tokenizer.encode(contents, text)
         else:
-            tokens = load_tokens(dataset_dir(dataset), split)
+            check_tokenizer(data, dataset, split, model.config.vocab_size, meta)
+            tokens = data
         if len(tokens) < 2:
             raise UserError("the text has fewer than 2 tokens: nothing to score")
+    for item in items.get('hellaswag', []):  # a character a char model never saw is named here
+        hellaswag_item(tokenizer, item, block_size)
+    for item in items.get('lambada', []):
+        lambada_item(tokenizer, item, block_size)
+
+    results = {}
+    if 'text' in names:
         total, count = text_loss(model, tokens, stride, batch_size, ctx)
         loss = total / count
         per_unit = count if meta is not None else tokenizer.byte_count(tokens[1:])  # characters or bytes scored
         results['text'] = {'loss': loss, 'ppl': math.exp(loss), 'tokens': count,
                            'bits_per_char' if meta is not None else 'bits_per_byte': total / math.log(2) / per_unit}
-    if 'hellaswag' in names:
-        items = load_items(hellaswag, 'validation', ('ctx', 'endings', 'label'), 'hellaswag', limit)
-        results['hellaswag'] = hellaswag_accuracy(hellaswag_scores(model, tokenizer, items, ctx))
-    if 'lambada' in names:
-        items = load_items(lambada, 'test', ('text',), 'lambada', limit)
-        results['lambada'] = lambada_metrics(lambada_scores(model, tokenizer, items, batch_size, ctx))
+    if 'hellaswag' in items:
+        results['hellaswag'] = hellaswag_accuracy(hellaswag_scores(model, tokenizer, items['hellaswag'], ctx))
+    if 'lambada' in items:
+        results['lambada'] = lambada_metrics(lambada_scores(model, tokenizer, items['lambada'], batch_size, ctx))
 
     print("| task | metric | value |\n| --- | --- | ---: |")
     for task, metrics in results.items():
@@ -230,12 +334,14 @@ def main():
 
 
 def check_writable(path):
+    if os.path.isdir(path):
+        raise UserError(f"cannot write --out={path}: it is a directory; name a file, e.g. "
+                        f"--out={os.path.join(path, 'results.json')}")
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory) or not os.access(directory, os.W_OK) or os.path.isdir(path):
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         raise UserError(f"cannot write --out={path}: its folder does not exist or is not writable")
 
 
 if __name__ == '__main__':
-    report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
     configure(globals())
     main()

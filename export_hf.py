@@ -23,13 +23,16 @@ from checkpoint import first_line, load_checkpoint, model_from_checkpoint
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's directory
 checkpoint = ''  # file in out_dir to export; '' means best.pt if present, else ckpt.pt
-export_dir = ''  # where to write the Hugging Face model; '' means <out_dir>/hf
+export_dir = ''  # where to write the Hugging Face model; '' means <out_dir>/hf (an earlier export there is replaced)
 # -----------------------------------------------------------------------------
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE; training pads it to 50304, rows that no token ever uses
 PADDED_VOCAB_SIZE = 50304
 HF_BUFFERS = ('.attn.bias', '.attn.masked_bias')  # causal-mask buffers of older transformers, not weights
 TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+# what an export holds: an export_dir holding only these (an earlier export) may be replaced, anything else not
+EXPORT_FILES = {'config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json',
+                'vocab.json', 'merges.txt', 'special_tokens_map.json', 'added_tokens.json', 'chat_template.jinja'}
 TIKTOKEN_GPT2_FILES = {  # tiktoken caches each file under the sha1 of its URL
     'vocab.json': 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json',
     'merges.txt': 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe',
@@ -92,7 +95,7 @@ def main():
         raise UserError(f"{os.path.join(out_dir, name)} was trained with {', '.join(not_gpt2)}, which GPT-2's "
                         "architecture (transformers' GPT2LMHeadModel) does not have; only models trained without "
                         "them can be exported")
-    check_writable(target)
+    check_target(target)
     bpe = GPT2_VOCAB_SIZE <= cfg.vocab_size <= PADDED_VOCAB_SIZE  # GPT-2's tokens, maybe padded
     vocab_size = GPT2_VOCAB_SIZE if bpe else cfg.vocab_size
     activation = 'gelu_new' if cfg.gelu_approximate == 'tanh' else 'gelu'  # transformers' names for the two
@@ -116,19 +119,14 @@ def main():
         diff = (hf_model(idx).logits - ours).abs().max().item()
     assert diff < 1e-4, f"the exported model's logits differ from the checkpoint's by {diff}"
 
-    try:
-        hf_model.save_pretrained(target)
-    except Exception as e:  # OSError, or safetensors' own error type for a failed write
-        raise UserError(f"could not write the export to {target}: {first_line(e)}") from None
+    tokenizer = offline_gpt2_tokenizer() if bpe else None
+    publish([hf_model] + ([tokenizer] if tokenizer else []), target)
     print(f"exported {os.path.join(out_dir, name)} (iter {ckpt.get('iter_num', '?')}) to {target}"
           + (f", vocabulary trimmed from {cfg.vocab_size} to {vocab_size}" if cfg.vocab_size != vocab_size else ''))
     if not bpe:
         print(f"note: no tokenizer saved, vocab_size {vocab_size} is not GPT-2's; a character-level model "
               "encodes text with the stoi/itos of its dataset's meta.pkl")
-        return
-    tokenizer = offline_gpt2_tokenizer()
-    if tokenizer is not None:
-        tokenizer.save_pretrained(target)
+    elif tokenizer is not None:
         print(f"saved GPT-2's tokenizer to {target}")
     else:
         print("note: GPT-2's tokenizer is not available offline, so none was saved; with network, add it with "
@@ -136,16 +134,39 @@ def main():
               f"GPT2TokenizerFast.from_pretrained('gpt2').save_pretrained('{target}')\"")
 
 
-def check_writable(directory):
-    """Fail now, before any work, if directory cannot be created or written to."""
+def check_target(directory):
+    """Fail now, before any work, unless directory is new, empty or an earlier export, and can be written."""
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise UserError(f"--export_dir={directory} is a file, not a directory; choose another --export_dir")
-    try:
-        os.makedirs(directory, exist_ok=True)
-        tempfile.TemporaryFile(dir=directory).close()
+    if os.path.isdir(directory) and not set(os.listdir(directory)) <= EXPORT_FILES:
+        raise UserError(f"--export_dir={directory} holds other files than an earlier export, which the export would "
+                        "replace; choose a new or empty --export_dir")
+    try:  # the export is written beside it, then renamed
+        parent = os.path.dirname(os.path.abspath(directory))
+        os.makedirs(parent, exist_ok=True)
+        tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
         raise UserError(f"cannot write to --export_dir={directory} ({e.strerror}); choose another --export_dir") \
             from None
+
+
+def publish(parts, target):
+    """save_pretrained each of parts into a folder beside target, then swap it in: a failed write (a full disk)
+    leaves target as it was."""
+    staging = os.path.join(os.path.dirname(os.path.abspath(target)), f'.{os.path.basename(target)}.tmp')
+    shutil.rmtree(staging, ignore_errors=True)  # one name: what a killed export left is cleared by the next
+    try:
+        os.mkdir(staging)
+        for part in parts:
+            part.save_pretrained(staging)
+    except Exception as e:  # OSError, or safetensors' own error type for a failed write
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"could not write the export to {target}: {first_line(e)}; {target} is unchanged") from None
+    replaced = staging + '.replaced'
+    if os.path.exists(target):
+        os.rename(target, replaced)  # renames within one folder: they need no space
+    os.rename(staging, target)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 if __name__ == '__main__':

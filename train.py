@@ -255,9 +255,11 @@ elif init_from == 'resume':
     iter_num = checkpoint['iter_num']
     best_val_loss = float(checkpoint['best_val_loss'])
     model_meta = checkpoint.get('meta', meta)  # nanoGPT's checkpoints record no vocabulary: take the dataset's
-    if iter_num >= max_iters and not eval_only:
-        raise UserError(f"the checkpoint in {out_dir} is at iter {iter_num} and max_iters={max_iters}: nothing is "
-                        f"left to train; pass a larger --max_iters to train on")
+    if iter_num >= max_iters and not eval_only:  # e.g. the same command run again after the run finished
+        if master_process:
+            print(f"the checkpoint in {out_dir} is at iter {iter_num} and max_iters={max_iters}: nothing is left "
+                  f"to train; pass a larger --max_iters to train on")
+        sys.exit(0)
 else:
     if master_process:
         print(f"Initializing from GPT-2 weights: {init_from}")

@@ -113,6 +113,10 @@ def test_a_write_error_of_any_type_keeps_the_previous_checkpoint(tmp_path, monke
     line = expect_die(capsys, checkpoint.save_checkpoint, a_checkpoint(seed=1), path)
     assert path in line and 'inline_container' in line and 'intact' in line
     assert os.listdir(tmp_path) == ['ckpt.pt'] and open(path, 'rb').read() == old_bytes
+    # the same error on a disk with nothing left (as torch reports a full disk) says so
+    monkeypatch.setattr(checkpoint, 'free_bytes', lambda directory: 0)
+    line = expect_die(capsys, checkpoint.save_checkpoint, a_checkpoint(seed=1), path)
+    assert 'the disk is full' in line and 'free some disk space' in line and 'inline_container' not in line
 
 
 @pytest.mark.skipif(not os.path.exists('/dev/full'), reason="needs Linux's /dev/full, a device that is always full")

@@ -296,7 +296,7 @@ def test_help_lists_every_setting_with_its_default_and_exits_0(script, flag):
     settings = {}
     for node in tree.body:
         calls = {n.func.id for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-        if calls & {'configure', 'settings_of'} or isinstance(node, ast.If):
+        if calls & {'configure', 'settings_of'}:
             break
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id.islower():
             try:

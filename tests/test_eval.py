@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import asdict
 
 import numpy as np
@@ -133,7 +134,8 @@ def char_run(tmp_path_factory, small_text):
 
 def test_whole_split_loss_is_the_mean_of_every_tokens_loss(tmp_path, char_run):
     dataset, out_dir, model, meta = char_run
-    result = run_script('eval.py', f'--out_dir={out_dir}', f'--dataset={dataset}', '--device=cpu',
+    # a stride of block_size, the most it may be, is windows side by side as with no stride
+    result = run_script('eval.py', f'--out_dir={out_dir}', f'--dataset={dataset}', '--stride=48', '--device=cpu',
                         f'--out={tmp_path / "r.json"}')
     results = json.loads((tmp_path / 'r.json').read_text())['text']
     val = np.fromfile(os.path.join(dataset, 'val.bin'), dtype=np.uint16).tolist()
@@ -245,17 +247,101 @@ def test_a_benchmark_that_cannot_be_loaded_offline_says_how_to_use_a_local_copy(
     assert "could not load lambada dataset 'EleutherAI/lambada_openai'" in error and '--lambada=PATH' in error
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--tasks=mmlu'], 'unknown task mmlu'),
-    (['--tasks=text'], 'either --text=PATH'),
-    (['--tasks=hellaswag', '--hellaswag=notes.txt'], 'expected a .json, .jsonl or .parquet file'),
+@pytest.fixture(scope='module')
+def bad_inputs(tmp_path_factory):
+    """Mistakes on disk: a benchmark file of the wrong type, without its field, or with a bad item; a dataset
+    prepared with GPT-2's BPE, whose ids lie far beyond a char model's vocabulary."""
+    root = tmp_path_factory.mktemp('bad')
+    (root / 'notes.txt').write_text('x')
+    (root / 'nofield.jsonl').write_text(json.dumps({'passage': 'the king is dead'}) + '\n')
+    (root / 'label.jsonl').write_text(json.dumps({'ctx': 'the king', 'endings': ['is', 'was'], 'label': 'abc'}) + '\n')
+    (root / 'bpe').mkdir()
+    np.array([464, 5822, 318, 50256] * 20, dtype=np.uint16).tofile(root / 'bpe' / 'val.bin')
+    return root
+
+
+@pytest.mark.parametrize('args, message, loads_model', [
+    (['--tasks=mmlu'], 'unknown task mmlu', False),
+    (['--tasks=text'], 'either --text=PATH', False),
+    (['--tasks=hellaswag', '--hellaswag={bad}/notes.txt'], 'expected a .json, .jsonl or .parquet file', False),
+    (['--dataset=no_such_dataset'], 'no val.bin in', False),
+    (['--dataset={bad}/bpe'], "prepared with another tokenizer than the model's (its val.bin holds token id 50256",
+     True),
+    (['--dataset={dataset}', '--stride=49'], "--stride=49 is more than the model's block_size (48)", True),
+    (['--tasks=text,lambada', '--dataset={dataset}', '--split=train', '--lambada={bad}/nofield.jsonl'],
+     'nofield.jsonl has no text field', False),
+    (['--tasks=hellaswag', '--hellaswag={bad}/label.jsonl'], "item 1 is not a hellaswag item: label must be", False),
+], ids=['unknown task', 'no text', 'not a benchmark file', 'dataset not prepared', 'dataset of another tokenizer',
+        'stride over block_size', 'benchmark checked before text scored', 'bad benchmark item'])
+def test_eval_mistakes_are_one_line(char_run, bad_inputs, args, message, loads_model):
+    dataset, out_dir, _, _ = char_run
+    result = run_script('eval.py', f'--out_dir={out_dir}', '--device=cpu',
+                        *[a.format(bad=bad_inputs, dataset=dataset) for a in args], check=False)
+    assert message in assert_one_line_error(result)
+    assert ('evaluating' in result.stderr) == loads_model  # what needs no model is checked before loading it
+
+
+HELLASWAG_ITEM = {'ctx': 'the king', 'endings': ['is here', 'was there'], 'label': '1'}
+
+
+@pytest.mark.parametrize('setting, rows, number, problem', [
+    ('hellaswag', [{'label': 'abc'}], 1, "label must be the index of the right ending, 0 to 1, not 'abc'"),
+    ('hellaswag', [{}, {'label': '7'}], 2, "label must be the index of the right ending, 0 to 1, not '7'"),
+    ('hellaswag', [{'label': -1}], 1, "label must be the index of the right ending, 0 to 1, not -1"),
+    ('hellaswag', [{'endings': []}], 1, "endings must be a list of 2 or more non-empty strings, not []"),
+    ('hellaswag', [{'endings': 'hello'}], 1, "endings must be a list of 2 or more non-empty strings, not 'hello'"),
+    ('hellaswag', [{'endings': ['alone']}], 1, "endings must be a list of 2 or more non-empty strings, not "
+                                               "['alone']"),
+    ('hellaswag', [{'endings': ['is', '']}], 1, "endings must be a list of 2 or more non-empty strings, not "
+                                                "['is', '']"),
+    ('hellaswag', [{'ctx': None}], 1, "ctx must be a non-empty string, not None"),
+    ('lambada', [{'text': ''}], 1, "text must be a passage, words then a space and the last word to predict, not ''"),
+    ('lambada', [{}, {'text': 'hello  '}], 2, "text must be a passage, words then a space and the last word to "
+                                              "predict, not 'hello  '"),
+], ids=['label not a number', 'label too high', 'label negative', 'no endings', 'endings a string', 'one ending',
+        'empty ending', 'ctx null', 'empty passage', 'one word'])
+def test_a_bad_benchmark_item_is_named_by_its_number_and_field(tmp_path, setting, rows, number, problem):
+    good, fields = {'hellaswag': (HELLASWAG_ITEM, ('ctx', 'endings', 'label')),
+                    'lambada': ({'text': 'the king is dead'}, ('text',))}[setting]
+    path = tmp_path / 'items.jsonl'
+    path.write_text(''.join(json.dumps({**good, **row}) + '\n' for row in rows))
+    expected = f'--{setting}={path}: item {number} is not a {setting} item: {problem}'
+    with pytest.raises(UserError, match=re.escape(expected)):
+        evaluate.load_items(str(path), 'validation', fields, setting)
+
+
+def test_lambada_passage_with_trailing_whitespace_has_its_last_word_as_the_target(tmp_path, char_run):
+    _, _, _, meta = char_run
+    (tmp_path / 'lambada.jsonl').write_text(json.dumps({'text': 'the king is dead \n'}) + '\n')
+    [item] = evaluate.load_items(str(tmp_path / 'lambada.jsonl'), 'test', ('text',), 'lambada')
+    tokenizer = checkpoint.Tokenizer(meta)
+    stripped = {'text': 'the king is dead'}
+    assert evaluate.lambada_item(tokenizer, item, 48) == evaluate.lambada_item(tokenizer, stripped, 48)
+
+
+@pytest.mark.parametrize('name, content, problem', [
+    ('empty.json', '', 'is empty'),
+    ('broken.jsonl', '{"text": "the king"\n', 'is not a valid .jsonl file'),
+    ('folder', None, 'is a directory'),
 ])
-def test_eval_mistakes_are_one_line(tmp_path, char_run, args, message):
-    _, out_dir, _, _ = char_run
-    (tmp_path / 'notes.txt').write_text('x')
-    args = [a.replace('notes.txt', str(tmp_path / 'notes.txt')) for a in args]
-    error = assert_one_line_error(run_script('eval.py', f'--out_dir={out_dir}', '--device=cpu', *args, check=False))
-    assert message in error
+def test_a_local_benchmark_file_that_cannot_be_read_is_named_without_blaming_the_network(tmp_path, name, content,
+                                                                                          problem):
+    path = tmp_path / name
+    path.mkdir() if content is None else path.write_text(content)
+    with pytest.raises(UserError, match=re.escape(f'--lambada={path} {problem}')) as error:
+        evaluate.load_items(str(path), 'test', ('text',), 'lambada')
+    assert 'network' not in str(error.value)
+
+
+def test_out_that_is_a_directory_is_named_so(tmp_path):
+    with pytest.raises(UserError, match=re.escape(f'--out={tmp_path}: it is a directory')):
+        evaluate.check_writable(str(tmp_path))
+
+
+def test_a_gpt2_model_refuses_a_char_dataset(char_run):
+    dataset, _, _, _ = char_run
+    with pytest.raises(UserError, match=re.escape("prepared with another tokenizer than the model's (its meta.pkl's")):
+        evaluate.check_tokenizer(checkpoint.load_tokens(dataset, 'val'), dataset, 'val', 50257, None)
 
 
 def test_a_benchmark_file_that_does_not_exist_is_named(tmp_path):

@@ -232,3 +232,42 @@ def test_a_model_trained_with_recipe_settings_that_gpt2_lacks_is_refused(tmp_pat
         export_hf.main()
     assert 'GPT2LMHeadModel' in str(info.value)
     assert not (tmp_path / 'hf').exists()  # refused before anything was written
+
+
+def test_export_replaces_an_earlier_export_but_no_other_folder(tmp_path, monkeypatch):
+    from transformers import GPT2LMHeadModel
+    save_like_train_py(GPT(GPTConfig(vocab_size=65, block_size=8, n_layer=1, n_head=2, n_embd=16)),
+                       tmp_path / 'out' / 'ckpt.pt')
+    monkeypatch.setattr(export_hf, 'out_dir', str(tmp_path / 'out'))
+    monkeypatch.setattr(export_hf, 'export_dir', str(tmp_path / 'hf'))
+    export_hf.main()
+    first = (tmp_path / 'hf' / 'model.safetensors').read_bytes()
+    save_like_train_py(GPT(GPTConfig(vocab_size=65, block_size=8, n_layer=2, n_head=2, n_embd=16)),
+                       tmp_path / 'out' / 'ckpt.pt')
+    export_hf.main()  # an earlier export is replaced as a whole, leaving nothing of the work beside it
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / 'hf').config.n_layer == 2
+    assert (tmp_path / 'hf' / 'model.safetensors').read_bytes() != first
+    assert sorted(os.listdir(tmp_path)) == ['hf', 'out']
+    (tmp_path / 'hf' / 'notes.txt').write_text('mine')  # now a folder that holds more than an export
+    with pytest.raises(UserError, match='holds other files than an earlier export'):
+        export_hf.main()
+    assert (tmp_path / 'hf' / 'notes.txt').read_text() == 'mine'
+
+
+def test_an_export_that_fails_to_write_leaves_the_earlier_one(tmp_path, monkeypatch):
+    from transformers import GPT2LMHeadModel
+    save_like_train_py(GPT(GPTConfig(vocab_size=65, block_size=8, n_layer=1, n_head=2, n_embd=16)),
+                       tmp_path / 'out' / 'ckpt.pt')
+    monkeypatch.setattr(export_hf, 'out_dir', str(tmp_path / 'out'))
+    monkeypatch.setattr(export_hf, 'export_dir', str(tmp_path / 'hf'))
+    export_hf.main()
+    before = {f: (tmp_path / 'hf' / f).read_bytes() for f in os.listdir(tmp_path / 'hf')}
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(GPT2LMHeadModel, 'save_pretrained', disk_full)
+    with pytest.raises(UserError, match='No space left on device') as info:
+        export_hf.main()
+    assert 'is unchanged' in str(info.value)
+    assert {f: (tmp_path / 'hf' / f).read_bytes() for f in os.listdir(tmp_path / 'hf')} == before
+    assert sorted(os.listdir(tmp_path)) == ['hf', 'out']
