@@ -561,3 +561,6 @@ while True:
     local_iter_num += 1
 
 wandb_run.finish()
+if ddp:  # end together (the master may still be writing), and tear down before the interpreter does
+    dist.barrier(group=control_group)
+    dist.destroy_process_group()

@@ -70,6 +70,9 @@ def download(url, path):
 
 
 def read_text(path):
+    if os.path.isdir(path):
+        raise UserError(f"input {path} is a directory; pass one text file (a folder of .txt files goes to "
+                        "data/openwebtext/prepare.py --dataset=FOLDER)")
     if not os.path.isfile(path):
         raise UserError(f"input file {path} does not exist")
     with open(path, 'rb') as f:
@@ -124,9 +127,9 @@ def write_atomic(path, write):
         with open(tmp_path, 'wb') as f:
             write(f)
         os.replace(tmp_path, path)
-    except OSError as e:
-        raise UserError(f"could not write {path} ({e.strerror}); check the permissions and free space of "
-                        f"{os.path.dirname(path) or '.'}") from None
+    except OSError as e:  # numpy's tofile raises one without strerror (a full disk, say)
+        raise UserError(f"could not write {path} ({e.strerror or e or type(e).__name__}); check the permissions and "
+                        f"free space of {os.path.dirname(path) or '.'}") from None
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)

@@ -221,11 +221,14 @@ def test_bpe_prepare_without_tiktoken_files(tmp_path):
     (b'\xff\xfe\x00bad', 'not UTF-8'),
     (b'a', 'at least 2'),
     (None, 'does not exist'),
+    ('a folder', 'is a directory'),
 ])
 def test_bad_input(tmp_path, name, content, message):
     script = install(tmp_path, name)
     input_path = tmp_path / 'text.txt'
-    if content is not None:
+    if content == 'a folder':
+        input_path.mkdir()
+    elif content is not None:
         input_path.write_bytes(content)
     line = assert_one_line_error(run(script, f'--input={input_path}'))
     assert message in line
