@@ -234,17 +234,21 @@ def test_a_model_trained_with_recipe_settings_that_gpt2_lacks_is_refused(tmp_pat
     assert not (tmp_path / 'hf').exists()  # refused before anything was written
 
 
-def test_export_replaces_an_earlier_export_but_no_other_folder(tmp_path, monkeypatch):
-    from transformers import GPT2LMHeadModel
-    save_like_train_py(GPT(GPTConfig(vocab_size=65, block_size=8, n_layer=1, n_head=2, n_embd=16)),
+def export_tiny_char_model(tmp_path, monkeypatch, n_layer=1):
+    """Save a tiny char model as train.py does in tmp_path/out and export it to tmp_path/hf."""
+    save_like_train_py(GPT(GPTConfig(vocab_size=65, block_size=8, n_layer=n_layer, n_head=2, n_embd=16)),
                        tmp_path / 'out' / 'ckpt.pt')
     monkeypatch.setattr(export_hf, 'out_dir', str(tmp_path / 'out'))
     monkeypatch.setattr(export_hf, 'export_dir', str(tmp_path / 'hf'))
     export_hf.main()
+
+
+def test_export_replaces_an_earlier_export_but_no_other_folder(tmp_path, monkeypatch):
+    from transformers import GPT2LMHeadModel
+    export_tiny_char_model(tmp_path, monkeypatch)
     first = (tmp_path / 'hf' / 'model.safetensors').read_bytes()
-    save_like_train_py(GPT(GPTConfig(vocab_size=65, block_size=8, n_layer=2, n_head=2, n_embd=16)),
-                       tmp_path / 'out' / 'ckpt.pt')
-    export_hf.main()  # an earlier export is replaced as a whole, leaving nothing of the work beside it
+    # an earlier export is replaced as a whole, leaving nothing of the work beside it
+    export_tiny_char_model(tmp_path, monkeypatch, n_layer=2)
     assert GPT2LMHeadModel.from_pretrained(tmp_path / 'hf').config.n_layer == 2
     assert (tmp_path / 'hf' / 'model.safetensors').read_bytes() != first
     assert sorted(os.listdir(tmp_path)) == ['hf', 'out']
@@ -256,11 +260,7 @@ def test_export_replaces_an_earlier_export_but_no_other_folder(tmp_path, monkeyp
 
 def test_an_export_that_fails_to_write_leaves_the_earlier_one(tmp_path, monkeypatch):
     from transformers import GPT2LMHeadModel
-    save_like_train_py(GPT(GPTConfig(vocab_size=65, block_size=8, n_layer=1, n_head=2, n_embd=16)),
-                       tmp_path / 'out' / 'ckpt.pt')
-    monkeypatch.setattr(export_hf, 'out_dir', str(tmp_path / 'out'))
-    monkeypatch.setattr(export_hf, 'export_dir', str(tmp_path / 'hf'))
-    export_hf.main()
+    export_tiny_char_model(tmp_path, monkeypatch)
     before = {f: (tmp_path / 'hf' / f).read_bytes() for f in os.listdir(tmp_path / 'hf')}
 
     def disk_full(self, *args, **kwargs):
