@@ -3,6 +3,7 @@
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -95,3 +96,9 @@ def assert_one_line_error(proc):
     errors = [line for line in lines if line.startswith('error:')]
     assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
     return errors[0]
+
+
+def default_sigint():
+    """preexec_fn for a script that must meet Ctrl-C as in a terminal: a shell that ran the tests in the
+    background leaves SIGINT ignored, and Python then raises no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

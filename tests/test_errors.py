@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from scripts import (REPO_ROOT, TINY, args_of, assert_one_line_error, install_prepare_script, iter_losses,
-                     prepare_char_dataset, run_script, script_env, train)
+from scripts import (REPO_ROOT, TINY, args_of, assert_one_line_error, default_sigint, install_prepare_script,
+                     iter_losses, prepare_char_dataset, run_script, script_env, train)
 
 
 @pytest.fixture(scope='module')
@@ -616,14 +616,18 @@ def test_ctrl_c_while_sampling_a_batch_prints_every_sample_so_far_and_exits_130(
 def test_ctrl_c_while_a_script_imports_torch_shows_no_traceback(script):
     # -X importtime reports each module as its import ends: a torch submodule means torch is being imported
     proc = subprocess.Popen([sys.executable, '-X', 'importtime', os.path.join(REPO_ROOT, script)], cwd=REPO_ROOT,
-                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     stderr = []
-    for line in proc.stderr:
-        stderr.append(line)
-        if line.rstrip().endswith(' torch._utils'):
-            proc.send_signal(signal.SIGINT)
-            break
-    stderr.append(proc.communicate(timeout=60)[1])
+    try:
+        for line in proc.stderr:
+            stderr.append(line)
+            if line.rstrip().endswith(' torch._utils'):
+                proc.send_signal(signal.SIGINT)
+                break
+        stderr.append(proc.communicate(timeout=60)[1])
+    finally:
+        proc.kill()
     assert proc.returncode in (-signal.SIGINT, 130), ''.join(stderr)[-2000:]
     assert 'Traceback' not in ''.join(stderr), ''.join(stderr)[-2000:]
 
@@ -634,7 +638,7 @@ def test_ctrl_c_in_a_prepare_script_leaves_no_traceback_and_no_temporary_file(tm
     big.write_text(small_text * 400, encoding='utf-8')  # ~24 MB: seconds of encoding
     out_dir = tmp_path / 'out'
     proc = subprocess.Popen([sys.executable, script, f'--input={big}', f'--out_dir={out_dir}'], env=script_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         for line in proc.stdout:
             if line.startswith('vocab size'):  # read and counted; now encoding
