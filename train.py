@@ -561,6 +561,10 @@ while True:
     local_iter_num += 1
 
 wandb_run.finish()
-if ddp:  # end together (the master may still be writing), and tear down before the interpreter does
+if ddp:
+    # end together (the master may still be writing), then leave without the interpreter's teardown: destroying
+    # gloo's process group there has aborted a finished worker (std::terminate) after everything was saved
     dist.barrier(group=control_group)
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

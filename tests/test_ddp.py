@@ -202,9 +202,9 @@ def test_resume_ddp_run_with_different_process_count_continues_loss_curve(first,
 
 def test_indivisible_gradient_accumulation_fails_clearly_on_every_rank(dataset, tmp_path):
     out_dir = tmp_path / 'out'
-    # torchrun stops the other workers at its first check after a failure; checking every 5 s instead of
-    # every 0.1 s gives each rank time to fail by itself (both ranks exit within milliseconds of each other)
-    proc = torchrun(['--standalone', '--nproc_per_node=2', '--monitor-interval=5'], timeout=120,
+    # torchrun stops the other workers at its first check after a failure; checking every 15 s instead of
+    # every 0.1 s gives each rank time to fail by itself (on a loaded machine one may start seconds later)
+    proc = torchrun(['--standalone', '--nproc_per_node=2', '--monitor-interval=15'], timeout=120,
                     dataset=dataset, out_dir=str(out_dir), gradient_accumulation_steps=3)
 
     assert proc.returncode != 0
