@@ -149,6 +149,27 @@ def pretrained_model(name_or_path, dropout=None):
                         f"{type(e).__name__}: {first_line(e)}") from None
 
 
+def check_vocabulary(model_meta, data_meta, dataset):
+    """Refuse a dataset whose token ids mean other text to the model: another character set (meta.pkl), or BPE
+    pieces where the model reads characters, or the reverse (a meta of None is GPT-2's BPE)."""
+    if (model_meta or {}).get('stoi') == (data_meta or {}).get('stoi'):
+        return
+    reads, holds = (f"a {len(m['stoi'])}-character vocabulary (meta.pkl)" if m else "GPT-2's BPE tokens"
+                    for m in (model_meta, data_meta))
+    raise UserError(f"the model reads {reads} but dataset '{dataset}' holds {holds}; use a dataset prepared with "
+                    "the model's own vocabulary, or train from scratch on it")
+
+
+def check_room_for_checkpoint(out_dir, model):
+    """Refuse to start when out_dir's disk cannot hold one checkpoint of model: its weights and AdamW's two
+    moments, 12 bytes per parameter, written beside the old one."""
+    needed = 12 * sum(p.numel() for p in model.parameters())
+    if free_bytes(out_dir) < needed:
+        raise UserError(f"the disk holding {out_dir} has {free_bytes(out_dir) / 2**20:.0f} MiB free, and a "
+                        f"checkpoint of this model needs about {needed / 2**20:.0f} MiB; free some space or choose "
+                        "another --out_dir")
+
+
 def is_pretrained_name(init_from):
     return init_from in HUB_MODELS or os.path.isdir(init_from)
 

@@ -25,7 +25,8 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from checkpoint import Tokenizer, dataset_dir, first_line, load_meta, load_model, load_tokens, read_manifest
+from checkpoint import (Tokenizer, check_vocabulary, dataset_dir, first_line, load_meta, load_model, load_tokens,
+                        read_manifest)
 from hardware import autocast_context, best_device, check_device
 
 # -----------------------------------------------------------------------------
@@ -253,16 +254,12 @@ def prepared_split(dataset, split):
 def check_tokenizer(tokens, dataset, split, vocab_size, meta):
     """Refuse a dataset prepared with another tokenizer than the model's: its ids would index past the model's
     embedding table (an IndexError), or stand for other text than the model learned (a meaningless loss)."""
-    data_meta = load_meta(dataset_dir(dataset))
     top = int(tokens.max())  # a pass over the split, which is scored whole anyway
     if top >= vocab_size:
-        why = f"its {split}.bin holds token id {top}, beyond the model's {vocab_size}-token vocabulary"
-    elif data_meta is not None and (meta is None or data_meta['stoi'] != meta['stoi']):
-        why = "its meta.pkl's characters are not the model's vocabulary"
-    else:
-        return
-    raise UserError(f"--dataset={dataset} was prepared with another tokenizer than the model's ({why}); score a "
-                    "dataset prepared as the model's training data was, or a text file with --text=PATH")
+        raise UserError(f"--dataset={dataset} was prepared with another tokenizer than the model's (its {split}.bin "
+                        f"holds token id {top}, beyond the model's {vocab_size}-token vocabulary); score a dataset "
+                        "prepared as the model's training data was, or a text file with --text=PATH")
+    check_vocabulary(meta, load_meta(dataset_dir(dataset)), dataset)
 
 
 def main():

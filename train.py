@@ -44,9 +44,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (Tokenizer, claim_out_dir, dataset_dir, fixed_settings, free_bytes, is_pretrained_name,
-                        load_checkpoint, load_meta, load_tokens, model_from_checkpoint, new_model, pretrained_model,
-                        read_manifest, save_checkpoint)
+from checkpoint import (Tokenizer, check_room_for_checkpoint, check_vocabulary, claim_out_dir, dataset_dir,
+                        fixed_settings, is_pretrained_name, load_checkpoint, load_meta, load_tokens,
+                        model_from_checkpoint, new_model, pretrained_model, read_manifest, save_checkpoint)
 from eval import hellaswag_accuracy, hellaswag_item, hellaswag_scores, load_items
 from hardware import (DTYPES, autocast_context, best_device, check_device, held_memory, peak_flops as device_peak_flops,
                       peak_memory)
@@ -265,11 +265,7 @@ else:
         print(f"Initializing from GPT-2 weights: {init_from}")
     model = pretrained_model(init_from, dropout=dropout)
     model_meta = None  # GPT-2's BPE
-if (model_meta or {}).get('stoi') != (meta or {}).get('stoi'):  # ids would mean other characters, or BPE pieces
-    reads, holds = (f"a {len(m['stoi'])}-character vocabulary (meta.pkl)" if m else "GPT-2's BPE tokens"
-                    for m in (model_meta, meta))
-    raise UserError(f"the model reads {reads} but dataset '{dataset}' holds {holds}; train it on a dataset "
-                    "prepared with its own vocabulary, or start from scratch")
+check_vocabulary(model_meta, meta, dataset)
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # e.g. GPT-2's 1024 cropped to a shorter context for finetuning
 if block_size > model.config.block_size:
@@ -278,12 +274,8 @@ if data_vocab_size and data_vocab_size > model.config.vocab_size:
     raise UserError(f"dataset '{dataset}' has {data_vocab_size} tokens in its vocabulary, more than the model's "
                     f"{model.config.vocab_size}; train from scratch on it instead")
 model_args = asdict(model.config)  # all of GPTConfig: sample.py and resume rebuild the same model
-# a checkpoint holds the weights and AdamW's two moments: 12 bytes per parameter, written beside the old one
-checkpoint_bytes = 12 * sum(p.numel() for p in model.parameters())
-if master_process and not eval_only and free_bytes(out_dir) < checkpoint_bytes:
-    raise UserError(f"the disk holding {out_dir} has {free_bytes(out_dir) / 2**20:.0f} MiB free, and a checkpoint "
-                    f"of this model needs about {checkpoint_bytes / 2**20:.0f} MiB; free some space or choose "
-                    "another --out_dir")
+if master_process and not eval_only:
+    check_room_for_checkpoint(out_dir, model)
 model.to(device)
 model.activation_checkpointing = activation_checkpointing
 if fsdp:

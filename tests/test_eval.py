@@ -340,7 +340,7 @@ def test_out_that_is_a_directory_is_named_so(tmp_path):
 
 def test_a_gpt2_model_refuses_a_char_dataset(char_run):
     dataset, _, _, _ = char_run
-    with pytest.raises(UserError, match=re.escape("prepared with another tokenizer than the model's (its meta.pkl's")):
+    with pytest.raises(UserError, match=re.escape("the model reads GPT-2's BPE tokens but dataset")):
         evaluate.check_tokenizer(checkpoint.load_tokens(dataset, 'val'), dataset, 'val', 50257, None)
 
 
