@@ -19,9 +19,10 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import (dataset_dir, is_pretrained_name, load_checkpoint, load_tokens, model_from_checkpoint,
-                        new_model, pretrained_model)
-from hardware import autocast_context, best_device, check_device, peak_flops as device_peak_flops, peak_memory, sync
+from checkpoint import is_pretrained_name, load_checkpoint, model_from_checkpoint, new_model, pretrained_model
+from dataset import dataset_dir, load_tokens
+from hardware import (autocast_context, best_device, check_device, compile_default, peak_flops as device_peak_flops,
+                      peak_memory, sync)
 
 # -----------------------------------------------------------------------------
 mode = 'train'  # 'train' or 'sample'
@@ -50,21 +51,18 @@ num_samples = 1  # batch size of generation
 compare_uncached = True  # also time generate(use_cache=False); slow for long sequences
 # system
 device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the best one this machine has
-dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' on CUDA; 'auto' is bfloat16 where supported, else float16
-compile = True  # torch.compile; unless set, on for CUDA only, as in train.py
+dtype = 'auto'  # 'float32', 'bfloat16' or 'float16'; 'auto': bfloat16 on Ampere+ GPUs, float16 on older, else float32
+compile = False  # torch.compile; unless set, on for CUDA only, as in train.py
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks the GPU up by name, or measures a CPU
 profile = False  # also print torch.profiler's table of the top ops
 seed = 1337  # decides the random weights and tokens
 # -----------------------------------------------------------------------------
 user_keys = configure(globals())
-if 'compile' not in user_keys:
-    compile = device.startswith('cuda')
+compile = compile_default(device, compile, user_keys)
 if mode not in ('train', 'sample'):
     raise UserError(f"unknown mode '{mode}'; use train or sample")
 device_type, dtype = check_device(device, dtype)
 torch.manual_seed(seed)
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
 ctx = autocast_context(device_type, dtype)
 
 # model

@@ -1,31 +1,24 @@
 """
-Checkpoints, run directories and prepared datasets, read and written in one place for the scripts.
+Checkpoints, the models loaded from them and run directories, read and written in one place for the scripts.
 Writes are atomic (temp file, fsync, rename); reads never execute pickled code; every problem with a file
 is a UserError naming the file and what to do.
 """
 
 import errno
-import json
 import os
-import pickle
 import shutil
 import tempfile
 from dataclasses import asdict
 
-import numpy as np
+import filelock
 import torch
 
 from configurator import UserError
+from dataset import dataset_dir, first_line, load_meta
 from model import GPT, GPTConfig, HUB_MODELS
-
-try:
-    import fcntl  # POSIX; on Windows out_dir is not locked
-except ImportError:
-    fcntl = None
 
 FIXED_ON_RESUME = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'rope', 'qk_norm',
                    'optimizer')
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINT_FILES = ('ckpt.pt', 'best.pt')
 
 
@@ -75,11 +68,6 @@ def free_bytes(directory):
         return shutil.disk_usage(directory).free
     except OSError:
         return float('inf')  # unknown: assume room
-
-
-def first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_checkpoint(path, required=()):
@@ -149,17 +137,6 @@ def pretrained_model(name_or_path, dropout=None):
                         f"{type(e).__name__}: {first_line(e)}") from None
 
 
-def check_vocabulary(model_meta, data_meta, dataset):
-    """Refuse a dataset whose token ids mean other text to the model: another character set (meta.pkl), or BPE
-    pieces where the model reads characters, or the reverse (a meta of None is GPT-2's BPE)."""
-    if (model_meta or {}).get('stoi') == (data_meta or {}).get('stoi'):
-        return
-    reads, holds = (f"a {len(m['stoi'])}-character vocabulary (meta.pkl)" if m else "GPT-2's BPE tokens"
-                    for m in (model_meta, data_meta))
-    raise UserError(f"the model reads {reads} but dataset '{dataset}' holds {holds}; use a dataset prepared with "
-                    "the model's own vocabulary, or train from scratch on it")
-
-
 def check_room_for_checkpoint(out_dir, model):
     """Refuse to start when out_dir's disk cannot hold one checkpoint of model: its weights and AdamW's two
     moments, 12 bytes per parameter, written beside the old one."""
@@ -199,40 +176,6 @@ def load_model(init_from, out_dir, checkpoint_name=''):
     return model.eval(), meta, described
 
 
-class Tokenizer:
-    """A model's vocabulary: its dataset's characters (meta.pkl), or else GPT-2's BPE (tiktoken)."""
-
-    def __init__(self, meta):
-        self.meta = meta
-        if meta is not None:
-            self.eot = None
-            return
-        import tiktoken
-        try:
-            self.bpe = tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            raise UserError(f"could not load tiktoken's GPT-2 encoding ({type(e).__name__}); it is downloaded on "
-                            "first use, or point TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cache") from None
-        self.eot = self.bpe.eot_token  # a BPE model marks the end of a document with <|endoftext|>
-
-    def encode(self, text, what='the text'):
-        if self.meta is None:
-            return self.bpe.encode(text, allowed_special={"<|endoftext|>"})
-        unknown = sorted(set(text) - set(self.meta['stoi']))
-        if unknown:
-            raise UserError(f"{what} contains characters the model has never seen: {''.join(unknown)!r}")
-        return [self.meta['stoi'][c] for c in text]
-
-    def decode(self, ids):
-        return self.bpe.decode(ids) if self.meta is None else ''.join(self.meta['itos'][i] for i in ids)
-
-    def byte_count(self, ids):
-        """How many bytes of UTF-8 text the tokens ids stand for."""
-        if self.meta is None:
-            return sum(len(self.bpe.decode_single_token_bytes(i)) for i in ids)
-        return sum(len(self.meta['itos'][i].encode('utf-8')) for i in ids)
-
-
 # ----------------------------------------------------------------------------- the run directory
 
 def claim_out_dir(out_dir, resuming, start_over):
@@ -250,104 +193,41 @@ def claim_out_dir(out_dir, resuming, start_over):
     return lock, [os.path.join(out_dir, name) for name in earlier]
 
 
+class OutDirLock(filelock.FileLock):
+    """An exclusive OS file lock (flock on POSIX, LockFileEx on Windows); close() lets it go."""
+
+    def close(self):
+        self.release()
+
+
 def lock_out_dir(out_dir):
     """Create out_dir if needed and hold an exclusive lock on out_dir/.lock for the life of this process, so
-    that a second run on the same out_dir stops at once. The OS releases the lock when the process dies,
-    however it dies. Returns the open lock file, which must be kept."""
+    that a second run on the same out_dir stops at once, naming this one's pid (from out_dir/.lock.pid). The OS
+    releases the lock when the process dies, however it dies. Returns the lock, which must be kept."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"out_dir {out_dir} is a file, not a directory; choose another --out_dir")
-    path = os.path.join(out_dir, '.lock')
+    lock = OutDirLock(os.path.join(out_dir, '.lock'), timeout=0)
+    pid_path = os.path.join(out_dir, '.lock.pid')  # not in .lock itself: Windows cannot read a locked file
     try:
         os.makedirs(out_dir, exist_ok=True)
-        lock = open(path, 'a+')
-    except OSError as e:
-        raise UserError(f"cannot write in out_dir {out_dir} ({e.strerror}); check its permissions or choose "
-                        "another --out_dir") from None
-    if fcntl is not None:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            pid = lock.read().strip() or '?'
-            lock.close()
-            raise UserError(f"another run (pid {pid}) is using out_dir {out_dir}; wait for it to finish, stop it, "
-                            "or choose another --out_dir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    try:  # the lock file may be old: make sure a new file can be created here now
+        lock.acquire()
+        with open(pid_path, 'w') as f:
+            f.write(f"{os.getpid()}\n")
+        # the lock files may be old: make sure a new file can be created here now
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix='.probe'):
             pass
+    except filelock.Timeout:  # before OSError, of which it is a kind
+        raise UserError(f"another run (pid {holder_pid(pid_path)}) is using out_dir {out_dir}; wait for it to "
+                        "finish, stop it, or choose another --out_dir") from None
     except OSError as e:
         raise UserError(f"cannot write in out_dir {out_dir} ({e.strerror}); check its permissions or choose "
                         "another --out_dir") from None
     return lock
 
 
-# ----------------------------------------------------------------------------- prepared datasets
-
-def dataset_dir(dataset):
-    """Where a dataset's train.bin, val.bin and meta.pkl live: data/<dataset> beside the scripts, or the
-    dataset setting itself when it is a path (absolute, or containing a slash)."""
-    if os.path.isabs(dataset) or os.sep in dataset or '/' in dataset:
-        return dataset
-    return os.path.join(REPO_DIR, 'data', dataset)
-
-
-def read_manifest(data_dir):
-    """The manifest.json that data/*/prepare.py writes last, after checking that the files it lists are the
-    ones it wrote; None for a dataset prepared without one (by nanoGPT, say): nothing to check it against."""
-    path = os.path.join(data_dir, 'manifest.json')
-    if not os.path.exists(path):
-        return None
+def holder_pid(pid_path):
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-        complete, files = manifest['complete'], dict(manifest.get('files', {}))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is unreadable ({first_line(e)}); run the dataset's prepare.py again") from None
-    if not complete:
-        raise UserError(f"the dataset in {data_dir} is incomplete: its prepare script stopped before it finished "
-                        "writing (its manifest.json says so); run the prepare script again")
-    for name, size in files.items():
-        file = os.path.join(data_dir, name)
-        actual = os.path.getsize(file) if os.path.exists(file) else None
-        if actual != size:
-            found = f"has {actual} bytes" if actual is not None else "is missing"
-            raise UserError(f"{file} {found}, but the prepare script wrote {size}: the dataset's files come from "
-                            "different runs or were changed since; run the prepare script again")
-    return manifest
-
-
-def load_tokens(data_dir, split):
-    """The uint16 token ids of data_dir/<split>.bin as a read-only memmap (it never needs to fit in memory)."""
-    path = os.path.join(data_dir, f'{split}.bin')
-    size = os.path.getsize(path)
-    if size == 0 or size % 2:
-        what = 'is empty' if size == 0 else f'has an odd number of bytes ({size})'
-        raise UserError(f"{path} {what}, so it holds no uint16 token ids; run the dataset's prepare.py again")
-    return np.memmap(path, dtype=np.uint16, mode='r')
-
-
-class PlainDataUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, strings and numbers only: nanoGPT's meta.pkl needs nothing more, and a
-    pickle that names any class or function (how pickles run code) is refused."""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: meta.pkl may only hold plain data")
-
-
-def load_meta(data_dir):
-    """The char-level vocabulary (vocab_size, stoi, itos) of a dataset, or None if it has no meta.pkl."""
-    path = os.path.join(data_dir, 'meta.pkl')
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, 'rb') as f:
-            meta = PlainDataUnpickler(f).load()
-    except Exception as e:
-        raise UserError(f"{path} is not a valid meta.pkl ({e}); re-run the dataset's prepare.py") from None
-    if not isinstance(meta, dict) or not {'vocab_size', 'stoi', 'itos'} <= set(meta):
-        raise UserError(f"{path} lacks vocab_size, stoi and itos; re-run the dataset's prepare.py")
-    return meta
+        with open(pid_path) as f:
+            return f.read().strip() or '?'
+    except OSError:  # the holder has not written it yet
+        return '?'

@@ -49,14 +49,15 @@ def settings_of(namespace):
 
 # -----------------------------------------------------------------------------
 # what every setting must be, for whichever script has it: one table, checked before any work
+MAX_COUNT = 2**31 - 1  # sizes and counts: beyond any real run, so that a typo (1e20) fails here, not in numpy
 RULES = [
     (('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'gradient_accumulation_steps', 'eval_interval',
       'eval_iters', 'log_interval', 'num_samples', 'max_new_tokens', 'num_steps', 'prompt_tokens', 'hellaswag_items',
       'warmup_steps'),
-     lambda v: v >= 1, "1 or more"),
-    (('max_iters', 'warmup_iters', 'lr_decay_iters', 'top_k', 'vocab_size', 'stride', 'limit', 'learning_rate',
-      'min_lr', 'muon_lr', 'weight_decay', 'grad_clip', 'peak_flops'),
-     lambda v: v >= 0, "0 or more"),
+     lambda v: 1 <= v <= MAX_COUNT, "from 1 to 2**31 - 1"),
+    (('max_iters', 'warmup_iters', 'lr_decay_iters', 'top_k', 'vocab_size', 'stride', 'limit'),
+     lambda v: 0 <= v <= MAX_COUNT, "from 0 to 2**31 - 1"),
+    (('learning_rate', 'min_lr', 'muon_lr', 'weight_decay', 'grad_clip', 'peak_flops'), lambda v: v >= 0, "0 or more"),
     (('seed',), lambda v: 0 <= v < 2**63, "0 or more and below 2**63"),
     (('temperature',), lambda v: v == 0 or v >= 1e-3, "0 (greedy) or 0.001 or more (smaller ones are greedy in "
                                                       "effect and overflow)"),
@@ -189,6 +190,9 @@ def apply_config_file(namespace, known, path, echo=True):
     scope = AssignmentRecorder(file_globals)
     try:
         exec(compile(source, path, 'exec'), file_globals, scope)
+    except SystemExit:  # not an Exception: it would end the run silently, with its exit code (often 0)
+        raise UserError(f"config file '{path}' called exit (sys.exit, exit or quit); a config file only sets "
+                        "values, so remove the call") from None
     except Exception as e:
         raise UserError(f"config file '{path}' failed to run: {type(e).__name__}: {' '.join(str(e).split())}") \
             from None

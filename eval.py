@@ -25,8 +25,8 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from checkpoint import (Tokenizer, check_vocabulary, dataset_dir, first_line, load_meta, load_model, load_tokens,
-                        read_manifest)
+from checkpoint import load_model
+from dataset import Tokenizer, check_vocabulary, dataset_dir, first_line, load_meta, load_tokens, read_manifest
 from hardware import autocast_context, best_device, check_device
 
 # -----------------------------------------------------------------------------
@@ -44,7 +44,7 @@ limit = 0  # evaluate only the first N items of each benchmark; 0 is all
 batch_size = 16  # sequences per forward pass
 out = ''  # also write the results to this JSON file
 device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the best one this machine has
-dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' on CUDA; 'auto' is bfloat16 where supported, else float16
+dtype = 'auto'  # 'float32', 'bfloat16' or 'float16'; 'auto': bfloat16 on Ampere+ GPUs, float16 on older, else float32
 # -----------------------------------------------------------------------------
 TASKS = ('text', 'hellaswag', 'lambada')
 BUILDERS = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}  # datasets' loader of each local file

@@ -18,7 +18,8 @@ import tempfile
 
 import torch
 
-from checkpoint import first_line, load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from dataset import first_line
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's directory

@@ -3,6 +3,7 @@ What the scripts need to know about the machine: the best device, the dtypes it 
 context for mixed precision, its peak FLOP/s for MFU, and the memory a process holds.
 """
 
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -14,14 +15,17 @@ from configurator import UserError
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
-# dense peak FLOP/s (no sparsity) by GPU name and dtype; float32 means TF32 tensor cores
+# dense peak FLOP/s (no sparsity) by GPU name and dtype; float32 means TF32 tensor cores. A name matches as
+# whole words, and the longest match wins: an L40S is no L4, an H100 NVL no H100 SXM ("NVIDIA H100 80GB HBM3")
 GPU_PEAK_FLOPS = {
     'H200': {'bfloat16': 989e12, 'float16': 989e12, 'float32': 495e12},
-    'H100 SXM': {'bfloat16': 989e12, 'float16': 989e12, 'float32': 495e12},
-    'H100 PCIe': {'bfloat16': 756e12, 'float16': 756e12, 'float32': 378e12},
     'H100': {'bfloat16': 989e12, 'float16': 989e12, 'float32': 495e12},
+    'H100 PCIe': {'bfloat16': 756e12, 'float16': 756e12, 'float32': 378e12},
+    'H100 NVL': {'bfloat16': 835e12, 'float16': 835e12, 'float32': 418e12},
     'A100': {'bfloat16': 312e12, 'float16': 312e12, 'float32': 156e12},
     'A10G': {'bfloat16': 70e12, 'float16': 70e12, 'float32': 35e12},
+    'L40S': {'bfloat16': 362e12, 'float16': 362e12, 'float32': 183e12},
+    'L40': {'bfloat16': 181e12, 'float16': 181e12, 'float32': 90.5e12},
     'L4': {'bfloat16': 121e12, 'float16': 121e12, 'float32': 60e12},
     'RTX 4090': {'bfloat16': 165e12, 'float16': 165e12, 'float32': 83e12},
     'RTX 3090': {'bfloat16': 71e12, 'float16': 71e12, 'float32': 36e12},
@@ -38,40 +42,50 @@ def best_device():
     return 'cpu'
 
 
-def best_dtype(device):
-    if device.startswith('cuda'):
-        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+def best_dtype(device_type):
+    """bfloat16 on GPUs that compute in it (Ampere and later), float16 (with a gradient scaler) on those that
+    would only emulate it (T4, V100); float32 on CPU and MPS, faster there at this repository's sizes."""
+    if device_type == 'cuda':
+        return 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
     return 'float32'
 
 
 def check_device(device, dtype):
-    """The device type and the dtype a run will use ('auto' resolved; CPU and MPS run in float32), or one
-    clear line, instead of an error from deep inside torch, for a device or dtype we cannot use."""
+    """The device type and the dtype a run will use ('auto' resolved), or one clear line, instead of an error
+    from deep inside torch, for a device or dtype we cannot use."""
     if dtype != 'auto' and dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}'; use auto or one of {', '.join(DTYPES)}")
     device_type, colon, index = device.partition(':')
     if colon and not index.isdigit():
         raise UserError(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps")
+    if device_type not in ('cpu', 'cuda', 'mps'):
+        raise UserError(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps")
+    dtype = best_dtype(device_type) if dtype == 'auto' else dtype
     if device_type == 'cuda':
         if not torch.cuda.is_available():
             raise UserError(f"device '{device}' requested but CUDA is not available on this machine; use --device=cpu")
-        dtype = best_dtype(device) if dtype == 'auto' else dtype
         index = int(index) if index else 0
         if index >= torch.cuda.device_count():
             raise UserError(f"device '{device}' does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
-        if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
-            raise UserError(f"this GPU ({torch.cuda.get_device_name(index)}) cannot do bfloat16; use --dtype=float16")
-    elif device_type == 'mps':
-        if not torch.backends.mps.is_available():
-            raise UserError(f"device '{device}' requested but MPS is only available on Apple silicon Macs; use --device=cpu")
-    elif device_type != 'cpu':
-        raise UserError(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps")
-    return device_type, dtype if device_type == 'cuda' else 'float32'
+        if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise UserError(f"this GPU ({torch.cuda.get_device_name(index)}) has no bfloat16 arithmetic (it would "
+                            "be emulated, several times slower); use --dtype=float16")
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on TF32 tensor cores (Ampere and later)
+        torch.backends.cudnn.allow_tf32 = True
+    elif device_type == 'mps' and not torch.backends.mps.is_available():
+        raise UserError(f"device '{device}' requested but MPS is only available on Apple silicon Macs; use --device=cpu")
+    return device_type, dtype
+
+
+def compile_default(device, compile, user_keys):
+    """torch.compile as set, or by default on CUDA only: on CPUs its start-up cost outweighs the gain here."""
+    return compile if 'compile' in user_keys else device.startswith('cuda')
 
 
 def autocast_context(device_type, dtype):
-    """Mixed precision on CUDA: matmuls in dtype, the rest in float32. CPU and MPS train in float32."""
-    if device_type != 'cuda' or dtype == 'float32':
+    """Mixed precision on every device: matmuls in dtype, the precision-sensitive rest (softmax, norms, the loss)
+    in float32, as torch's autocast decides; nothing for float32."""
+    if dtype == 'float32':
         return nullcontext()
     return torch.amp.autocast(device_type=device_type, dtype=DTYPES[dtype])
 
@@ -81,9 +95,10 @@ def peak_flops(device, dtype):
     name, or elsewhere (CPUs above all) the best of a few large matmuls measured now."""
     if device.startswith('cuda'):
         name = torch.cuda.get_device_name(device)
-        for gpu, peaks in GPU_PEAK_FLOPS.items():
-            if gpu in name and dtype in peaks:
-                return peaks[dtype], f"{gpu} {dtype} datasheet peak"
+        known = [gpu for gpu in GPU_PEAK_FLOPS if re.search(rf'(?<!\w){re.escape(gpu)}(?!\w)', name)]
+        gpu = max(known, key=len, default=None)
+        if gpu and dtype in GPU_PEAK_FLOPS[gpu]:
+            return GPU_PEAK_FLOPS[gpu][dtype], f"{gpu} {dtype} datasheet peak"
     flops = measured_matmul_flops(device, DTYPES[dtype])
     return flops, f"measured with {dtype} matmuls at start-up"
 
@@ -131,3 +146,14 @@ def sync(device):
         torch.cuda.synchronize()
     elif device.startswith('mps'):
         torch.mps.synchronize()
+
+
+def compile_failure(warm_up):
+    """None if warm_up() (the first calls of a torch.compile'd model, which compile it) runs, else why not in one
+    line: a machine without a working Triton or C++ compiler, say, or a graph the compiler rejects."""
+    try:
+        warm_up()
+    except Exception as e:  # the compilers' errors share no type worth naming
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return ' '.join(lines[:2])[:300] or type(e).__name__
+    return None

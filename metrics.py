@@ -4,6 +4,7 @@ evaluation, appended across resumes), loss.png drawn from it, and optionally Wei
 """
 
 import json
+import math
 import os
 import warnings
 
@@ -33,11 +34,13 @@ class MetricsLog:
                             "out_dir or choose another --out_dir") from None
 
     def log(self, **row):
-        """Append one row; values that are None (not measured yet) are left out."""
+        """Append one row; values that are None (not measured yet) or not finite (strict JSON has no NaN) are
+        left out."""
         if self.enabled:
+            kept = {k: v for k, v in row.items() if v is not None and not (type(v) is float and not math.isfinite(v))}
             try:
                 with open(self.path, 'a') as f:
-                    f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + '\n')
+                    f.write(json.dumps(kept, allow_nan=False) + '\n')
             except OSError as e:
                 raise UserError(f"could not write the metrics log {self.path} ({e.strerror}); the last checkpoint "
                                 "is intact: free some disk space or fix out_dir, then resume") from None

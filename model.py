@@ -5,7 +5,6 @@ References:
 2) Hugging Face's PyTorch port: https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -13,18 +12,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False until 2.1 and GPT-2 wants one)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
 class KVCache:
@@ -55,13 +42,11 @@ class CausalSelfAttention(nn.Module):
         # key, query, value projections for all heads, in a batch
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
-        self.flash = True  # scaled_dot_product_attention; tests switch it off to get the plain reference
 
     def forward(self, x, rotary=None, kv_cache=None):
         B, T, C = x.size()
@@ -69,22 +54,17 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(0, 2, 3, 1, 4)
         q, k, v = qkv.unbind(1)
         if self.qk_norm:  # unit-RMS queries and keys: attention logits cannot blow up
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+            # (in v's dtype: CUDA autocast computes rms_norm in float32, which would double the KV cache)
+            q, k = F.rms_norm(q, (q.size(-1),)).to(v.dtype), F.rms_norm(k, (k.size(-1),)).to(v.dtype)
         if rotary is not None:  # positions enter as rotations of queries and keys, cached already rotated
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, torch.stack((k, v), dim=1))
         past = k.size(2) - T  # keys of earlier positions, from the cache, before the T new ones
-        if self.flash:
-            dropout_p = self.dropout if self.training else 0.0
-            # SDPA's is_causal aligns its mask top-left, which is right only without a past
-            mask = causal_mask(T, past, x.device) if past and T > 1 else None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=not past)
-        else:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            att = att.masked_fill(~causal_mask(T, past, x.device), float('-inf'))
-            att = self.attn_dropout(F.softmax(att, dim=-1))
-            y = att @ v
+        dropout_p = self.dropout if self.training else 0.0
+        # SDPA's is_causal aligns its mask top-left, which is right only without a past
+        mask = causal_mask(T, past, x.device) if past and T > 1 else None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=not past)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -127,9 +107,9 @@ class Block(nn.Module):
 
     def __init__(self, config, layer):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, rotary=None, kv_cache=None):
@@ -173,7 +153,7 @@ class GPT(nn.Module):
             **modules,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: https://paperswithcode.com/method/weight-tying
@@ -223,7 +203,8 @@ class GPT(nn.Module):
             kv_cache.length += t
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            # in float32 whatever the compute dtype (FSDP's bfloat16 parameters give bfloat16 logits)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
         else:
             # inference needs only the last position: skip the lm_head everywhere else
             logits = self.lm_head(x[:, -1:, :])
@@ -279,8 +260,8 @@ class GPT(nn.Module):
             {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0, 'initial_lr': learning_rate},
         ]
         # the fused kernel is one launch for all parameters instead of a dozen per tensor; it exists for CUDA and CPU
-        fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
-        optimizers = [torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=fused or None)]
+        fused = True if device_type in ('cuda', 'cpu') else None
+        optimizers = [torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=fused)]
         if hidden:  # orthogonalised momentum updates: https://kellerjordan.github.io/posts/muon/
             optimizers.append(torch.optim.Muon([{'params': hidden, 'initial_lr': muon_lr}], lr=muon_lr,
                                                weight_decay=weight_decay, adjust_lr_fn='original'))

@@ -16,8 +16,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from checkpoint import Tokenizer, load_model
-from hardware import autocast_context, best_device, check_device
+from checkpoint import load_model
+from dataset import Tokenizer
+from hardware import autocast_context, best_device, check_device, compile_failure
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), a GPT-2 name ('gpt2' ... 'gpt2-xl') or a local Hugging Face directory
@@ -31,15 +32,13 @@ top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 
 top_p = 1.0  # nucleus sampling: retain the likeliest tokens that add up to top_p probability; 1.0 disables
 seed = 1337  # decides the samples drawn
 device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the best one this machine has
-dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' on CUDA; 'auto' is bfloat16 where supported, else float16
+dtype = 'auto'  # 'float32', 'bfloat16' or 'float16'; 'auto': bfloat16 on Ampere+ GPUs, float16 on older, else float32
 compile = False  # torch.compile the model: faster tokens after a slow start
 # -----------------------------------------------------------------------------
 configure(globals())
 device_type, dtype = check_device(device, dtype)
 torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)
-torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
-torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ctx = autocast_context(device_type, dtype)
 
 # model and its vocabulary
@@ -47,8 +46,6 @@ model, meta, loaded = load_model(init_from, out_dir, checkpoint)
 if init_from == 'resume':
     print(f"loaded {loaded}", file=sys.stderr)
 model.to(device)
-if compile:
-    model.forward = torch.compile(model.forward, dynamic=True)  # generate() calls it once per token
 tokenizer = Tokenizer(meta)
 encode, decode, stop_token = tokenizer.encode, tokenizer.decode, tokenizer.eot
 
@@ -66,6 +63,15 @@ if len(start_ids) > model.config.block_size:
     print(f"note: the prompt has {len(start_ids)} tokens, more than the model's context of "
           f"{model.config.block_size}; only its last {model.config.block_size} tokens are seen", file=sys.stderr)
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...].expand(num_samples, -1)
+if compile:
+    eager_forward = model.forward
+    model.forward = torch.compile(eager_forward, dynamic=True)  # generate() calls it once per token
+    with ctx:  # the prompt and a token now, greedily: compiled here, a machine that cannot samples without it
+        failure = compile_failure(lambda: model.generate(x, 2, temperature=0))
+    if failure:
+        model.forward = eager_forward
+        print(f"warning: torch.compile failed ({failure}); sampling without it. --compile=False skips the attempt",
+              file=sys.stderr)
 
 
 def stream(next_tokens):

@@ -31,7 +31,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -44,12 +43,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (Tokenizer, check_room_for_checkpoint, check_vocabulary, claim_out_dir, dataset_dir,
-                        fixed_settings, is_pretrained_name, load_checkpoint, load_meta, load_tokens,
-                        model_from_checkpoint, new_model, pretrained_model, read_manifest, save_checkpoint)
+from checkpoint import (check_room_for_checkpoint, claim_out_dir, fixed_settings, is_pretrained_name,
+                        load_checkpoint, model_from_checkpoint, new_model, pretrained_model, save_checkpoint)
+from dataset import Tokenizer, check_vocabulary, dataset_dir, load_meta, load_tokens, read_manifest
 from eval import hellaswag_accuracy, hellaswag_item, hellaswag_scores, load_items
-from hardware import (DTYPES, autocast_context, best_device, check_device, held_memory, peak_flops as device_peak_flops,
-                      peak_memory)
+from hardware import (DTYPES, autocast_context, best_device, check_device, compile_default, compile_failure,
+                      held_memory, peak_flops as device_peak_flops, peak_memory)
 from metrics import MetricsLog, WandbRun, plot_losses
 
 # -----------------------------------------------------------------------------
@@ -103,15 +102,14 @@ fsdp = False  # under torchrun: shard parameters, gradients and optimizer state 
 activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory, more time
 # system
 device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the best one this machine has
-dtype = 'auto'  # 'float32', 'bfloat16' or 'float16' on CUDA; 'auto' is bfloat16 where supported, else float16
-compile = True  # torch.compile; unless set, on for CUDA only: on CPUs its start-up cost outweighs the gain
+dtype = 'auto'  # 'float32', 'bfloat16' or 'float16'; 'auto': bfloat16 on Ampere+ GPUs, float16 on older, else float32
+compile = device.startswith('cuda')  # torch.compile; unless set, on for CUDA only (on CPUs it costs more than it gains)
 seed = 1337  # decides the initial weights, every batch and every dropout mask
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks the GPU up by name, or measures a CPU
 # -----------------------------------------------------------------------------
 config_keys = settings_of(globals())
 user_keys = configure(globals())  # overrides from the command line or config files, checked
-if 'compile' not in user_keys:
-    compile = device.startswith('cuda')
+compile = compile_default(device, compile, user_keys)  # of the device given, if one is
 if init_from not in ('scratch', 'resume') and not is_pretrained_name(init_from):
     raise UserError(f"unknown init_from '{init_from}': use scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
                     "or a local directory holding Hugging Face GPT-2 weights")
@@ -166,10 +164,8 @@ if ddp:
     control_group = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else None
 micro_steps = gradient_accumulation_steps // ddp_world_size  # per process
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
-torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
-# mixed precision: autocast, or under FSDP its own policy (parameters cast to dtype for compute, see below)
-ctx = nullcontext() if fsdp else autocast_context(device_type, dtype)
+# mixed precision: autocast (under FSDP too, on top of its policy: norms, softmax and the loss in float32)
+ctx = autocast_context(device_type, dtype)
 
 # data: train.bin and val.bin are uint16 token ids, read through memmaps so they never need to fit in memory
 data_dir = dataset_dir(dataset)
@@ -306,16 +302,36 @@ if init_from == 'resume':
                              options=StateDictOptions(full_state_dict=fsdp))
     for group, settings in zip([group for opt in optimizers for group in opt.param_groups], settings_now):
         group.update(settings)  # the state is restored, the settings (weight_decay, betas...) are this run's
-    if 'scaler' in checkpoint:
+    if checkpoint.get('scaler'):  # float32 and bfloat16 runs save none: a float16 resume starts a new scale
         scaler.load_state_dict(checkpoint['scaler'])
 param_groups = [group for opt in optimizers for group in opt.param_groups]  # (loading a state replaces them)
 resumed_at = iter_num if init_from == 'resume' else None  # its evaluation happened before the checkpoint
 saved_at = resumed_at  # the iteration that ckpt.pt holds
 
+
+
+def warm_up(model):
+    """A training step's forward and backward, and an evaluation's forward: a compiled model compiles now."""
+    X, Y = get_batch('val', [seed, 4])
+    with ctx:
+        model(X, Y)[1].backward()
+        with torch.no_grad():
+            model.eval()(X, Y)
+    model.train().zero_grad(set_to_none=True)
+
+
 if compile:
     if master_process:
         print("compiling the model... (takes a ~minute)")
-    model = torch.compile(model)
+    compiled = torch.compile(model)
+    failure = compile_failure(lambda: warm_up(compiled))
+    failed = torch.tensor([failure is not None])  # every process falls back if one does
+    if ddp:
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=control_group)
+    if failed.item() and master_process:
+        print(f"warning: torch.compile failed ({failure or 'on another process'}); training without it. "
+              "--compile=False skips the attempt", file=sys.stderr)
+    model, compile = (model, False) if failed.item() else (compiled, True)
 train_model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None) if ddp and not fsdp else model
 raw_model = train_model.module if isinstance(train_model, DDP) else model
 raw_model = getattr(raw_model, '_orig_mod', raw_model)  # unwrap torch.compile too
@@ -350,7 +366,8 @@ def estimate_hellaswag():
     sequences have every length)."""
     raw_model.eval()
     items = hellaswag_set[ddp_rank::ddp_world_size]
-    padding = items[:1] * (math.ceil(len(hellaswag_set) / ddp_world_size) - len(items)) if fsdp else []  # see estimate_loss
+    # under FSDP every process runs as many forward passes (they are collectives), even one with no item
+    padding = hellaswag_set[:1] * (math.ceil(len(hellaswag_set) / ddp_world_size) - len(items)) if fsdp else []
     scores = hellaswag_scores(raw_model, tokenizer, items + padding, ctx, progress=master_process)[:len(items)]
     raw_model.train()
     mine = hellaswag_accuracy(scores) if scores else {'acc': 0.0, 'acc_norm': 0.0, 'n': 0}
@@ -360,15 +377,19 @@ def estimate_hellaswag():
     return {'acc': (totals[0] / totals[2]).item(), 'acc_norm': (totals[1] / totals[2]).item()}
 
 
-def get_lr(it):
-    """Learning rate: linear warmup, then cosine decay down to min_lr at lr_decay_iters."""
+def lr_factor(it):
+    """Every group's peak learning rate times this: linear warmup, then cosine decay down to
+    min_lr / learning_rate at lr_decay_iters."""
+    floor = min_lr / learning_rate if learning_rate else 0.0
+    if not decay_lr:
+        return 1.0
     if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
+        return (it + 1) / (warmup_iters + 1)
     if it >= lr_decay_iters:
-        return min_lr
+        return floor
     decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
-    return min_lr + coeff * (learning_rate - min_lr)
+    return floor + coeff * (1.0 - floor)
 
 
 def save(name, with_optimizer=True):
@@ -414,6 +435,14 @@ def should_stop():
     return bool(flag.item())
 
 
+def mean_loss(loss_sum):
+    """The step's mean loss over all micro-batches and processes; a CPU-GPU sync point."""
+    total = loss_sum.clone()
+    if ddp:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    return total.item()
+
+
 def nonfinite_loss_error(value, where):
     return (f"the {where} is {value} at iter {iter_num}; training stopped and the last checkpoint was kept. "
             "Usual fixes: a lower learning_rate, dtype=bfloat16 instead of float16, or grad_clip=1.0")
@@ -442,9 +471,9 @@ running_mfu = None  # model FLOPs utilization, measured once the loop has settle
 clipped_steps, steps_since_eval = torch.zeros((), device=device), 0  # how often grad_clip acted since the last eval
 while True:
     # determine and set the learning rate for this iteration
-    lr = get_lr(iter_num) if decay_lr else learning_rate
+    lr = learning_rate * lr_factor(iter_num)
     for group in param_groups:  # every group's own peak (Muon's is muon_lr) on the same schedule
-        group['lr'] = lr if group['initial_lr'] == learning_rate else group['initial_lr'] * lr / learning_rate
+        group['lr'] = group['initial_lr'] * lr_factor(iter_num)
 
     # evaluate the loss on train/val sets and write checkpoints
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at or eval_only:
@@ -481,7 +510,7 @@ while True:
     if eval_only:
         break
     if iter_num >= max_iters or should_stop():
-        if local_iter_num > 0 and not math.isfinite(lossf := loss_sum.item()):
+        if local_iter_num > 0 and not math.isfinite(lossf := mean_loss(loss_sum)):  # all processes agree
             raise UserError(nonfinite_loss_error(lossf, 'training loss'))
         if local_iter_num > 0 and saved_at != iter_num:
             save('ckpt.pt')
@@ -512,15 +541,18 @@ while True:
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
     grad_norm = None
-    if grad_clip != 0.0:
+    if grad_clip != 0.0 or scaler.is_enabled():
         for opt in optimizers:
             scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # the norm before clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # the norm before
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP: from the shards
-        clipped_steps += grad_norm > grad_clip
-    steps_since_eval += 1
-    for opt in optimizers:
-        scaler.step(opt)  # skips the step (and lowers the scale) if float16 gradients overflowed
+    # float16 gradients that overflowed: every optimizer skips the step, and the scaler lowers its scale
+    skipped = scaler.is_enabled() and not torch.isfinite(grad_norm).item()
+    if not skipped:
+        for opt in optimizers:
+            scaler.step(opt)
+        clipped_steps += grad_clip != 0.0 and grad_norm > grad_clip
+        steps_since_eval += 1
     scaler.update()
     if local_iter_num == 0 and master_process:  # what training holds, once all of it exists
         print(f"memory per process: {held_memory(raw_model, optimizers)}, peak {peak_memory(device)}")
@@ -532,9 +564,7 @@ while True:
     dt = t1 - t0
     t0 = t1
     if iter_num % log_interval == 0:
-        if ddp:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        lossf = loss_sum.item()  # the mean over all micro-batches of the step; a CPU-GPU sync point
+        lossf = mean_loss(loss_sum)
         if not math.isfinite(lossf):
             raise UserError(nonfinite_loss_error(lossf, 'training loss'))
         if local_iter_num >= 5:  # let the training loop settle a bit
@@ -543,11 +573,12 @@ while True:
         if master_process:
             mfu_percent = None if running_mfu is None else running_mfu * 100
             mfu_shown = '' if mfu_percent is None else f", mfu {mfu_percent:.2f}%"
-            print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms{mfu_shown}")
-            norm = None if grad_norm is None else grad_norm.item()  # training health, beside the log line
-            clipped = None if norm is None else norm > grad_clip
+            overflow = f", float16 overflow: step skipped, loss scale now {scaler.get_scale():g}" if skipped else ''
+            print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms{mfu_shown}{overflow}")
+            norm = None if grad_norm is None or skipped else grad_norm.item()  # training health, beside the log line
+            clipped = None if norm is None or grad_clip == 0.0 else norm > grad_clip
             metrics.log(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, mfu=mfu_percent, grad_norm=norm,
-                        clipped=clipped)
+                        clipped=clipped, skipped=skipped or None)
             wandb_run.log(iter_num, {'train/loss': lossf, 'lr': lr, 'mfu': mfu_percent, 'train/grad_norm': norm})
     iter_num += 1
     local_iter_num += 1

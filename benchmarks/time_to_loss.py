@@ -24,8 +24,9 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from checkpoint import dataset_dir, load_model, load_tokens  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 from configurator import UserError, configure, report_errors  # noqa: E402
+from dataset import dataset_dir, load_tokens  # noqa: E402
 from eval import text_loss  # noqa: E402
 
 # -----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ script without a traceback and without leaving temporary files.
 
 Publishing: begin_dataset() marks the folder's manifest.json incomplete before the first file is written;
 finish_dataset() records the files' sizes and the tokenizer's vocabulary size in it once all are written.
-train.py (checkpoint.read_manifest) refuses an incomplete dataset, or files whose sizes changed since.
+train.py (dataset.read_manifest) refuses an incomplete dataset, or files whose sizes changed since.
 """
 import argparse
 import http.client

@@ -59,3 +59,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# a stand-in GPU (tests/fake_gpu.py), so that what the scripts choose on a GPU machine is tested on any machine
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """fake(name, capability, count) makes torch, in this test, see that GPU; undone after the test."""
+    import fake_gpu as gpu
+
+    def fake(name='NVIDIA A100-SXM4-80GB', capability=(8, 0), count=1):
+        gpu.install(name, capability, count, setattr=monkeypatch.setattr)
+    return fake
+
+
+@pytest.fixture
+def fake_gpu_env(tmp_path):
+    """env(name, capability, count): the environment for a script (run_script's env) that sees that GPU, the
+    same fake installed by a sitecustomize.py on PYTHONPATH."""
+    from fake_gpu import sitecustomize_source
+    from scripts import script_env
+
+    def env(name='NVIDIA A100-SXM4-80GB', capability=(8, 0), count=1):
+        folder = tmp_path / 'fake_gpu_site'
+        folder.mkdir(exist_ok=True)
+        (folder / 'sitecustomize.py').write_text(sitecustomize_source(name, capability, count))
+        return script_env(PYTHONPATH=os.pathsep.join(filter(None, (str(folder), os.environ.get('PYTHONPATH')))))
+    return env

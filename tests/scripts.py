@@ -102,3 +102,12 @@ def default_sigint():
     """preexec_fn for a script that must meet Ctrl-C as in a terminal: a shell that ran the tests in the
     background leaves SIGINT ignored, and Python then raises no KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def site_env(directory, code, **extra):
+    """script_env plus a sitecustomize.py holding code in directory, which Python runs before the script starts:
+    how a test injects a fault (an overflow, a failing compiler) into a real script run."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, 'sitecustomize.py'), 'w') as f:
+        f.write(code)
+    return script_env(PYTHONPATH=directory, **extra)

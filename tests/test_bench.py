@@ -1,12 +1,10 @@
-"""bench.py, the scripts in benchmarks/ and the peak-FLOP/s lookup behind MFU: what they report must be
-self-consistent and computed from the model in use. Speed itself is never asserted here."""
+"""bench.py and the scripts in benchmarks/: what they report must be self-consistent and computed from the
+model in use (the peak FLOP/s behind MFU is tested in test_hardware.py). Speed itself is never asserted here."""
 
 import re
 
 import pytest
-import torch
 
-import hardware
 from model import GPT, GPTConfig
 from scripts import args_of, assert_one_line_error, prepare_char_dataset, run_script, train
 
@@ -82,33 +80,6 @@ def test_a_prompt_that_fills_the_context_fails_with_one_line():
 
 def test_unknown_mode_fails_with_one_line():
     assert 'unknown mode' in assert_one_line_error(bench('--mode=fast', check=False))
-
-
-@pytest.mark.parametrize('name, dtype, expected', [
-    ('NVIDIA H200', 'bfloat16', 989e12),
-    ('NVIDIA H100 PCIe', 'bfloat16', 756e12),
-    ('NVIDIA H100 80GB HBM3', 'float16', 989e12),
-    ('NVIDIA A100-SXM4-80GB', 'float32', 156e12),
-    ('NVIDIA GeForce RTX 4090', 'bfloat16', 165e12),
-])
-def test_peak_flops_looks_up_the_gpu_in_use_by_name_and_dtype(monkeypatch, name, dtype, expected):
-    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
-    monkeypatch.setattr(hardware, 'measured_matmul_flops', lambda *a, **k: pytest.fail('should use the table'))
-    flops, source = hardware.peak_flops('cuda', dtype)
-    assert flops == expected and 'datasheet' in source and dtype in source
-
-
-def test_peak_flops_of_an_unknown_gpu_or_dtype_is_measured(monkeypatch):
-    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Some Future GPU')
-    monkeypatch.setattr(hardware, 'measured_matmul_flops', lambda device, dtype: 123.0)
-    assert hardware.peak_flops('cuda', 'bfloat16') == (123.0, 'measured with bfloat16 matmuls at start-up')
-    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Tesla V100-SXM2-16GB')
-    assert hardware.peak_flops('cuda', 'bfloat16')[0] == 123.0  # no bfloat16 on a V100: not in its row
-
-
-def test_measured_cpu_peak_is_the_flops_of_a_matmul():
-    flops = hardware.measured_matmul_flops('cpu', torch.float32, n=256, repeats=2)
-    assert 1e8 < flops < 1e14  # a real rate: more than 0.1 GFLOP/s, less than any CPU's peak
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""Tests of checkpoint.py: atomic checkpoint writes, clear one-line refusals of files that are not
-checkpoints, and loading that never runs code hidden in a pickle (ckpt.pt or meta.pkl)."""
+"""Tests of checkpoint.py and dataset.py: atomic checkpoint writes, clear one-line refusals of files that are
+not checkpoints or prepared datasets, and loading that never runs code hidden in a pickle (ckpt.pt or
+meta.pkl)."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import torch
 
 import checkpoint
 from configurator import UserError
+from dataset import load_meta, load_tokens, read_manifest
 from model import GPT, GPTConfig
 
 MODEL_ARGS = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, bias=True, vocab_size=20, dropout=0.0)
@@ -248,7 +250,7 @@ def test_load_meta_refuses_pickled_code(tmp_path, capsys, wrap):
     proof = tmp_path / 'pwned'
     with open(tmp_path / 'meta.pkl', 'wb') as f:
         pickle.dump(wrap(RunsCode(str(proof))), f)
-    line = expect_die(capsys, checkpoint.load_meta, str(tmp_path))
+    line = expect_die(capsys, load_meta, str(tmp_path))
     assert 'meta.pkl' in line
     assert not proof.exists()
 
@@ -262,20 +264,20 @@ def test_load_meta_reads_nanogpt_char_vocabulary(tmp_path):
             'stoi': {ch: i for i, ch in enumerate(chars)}}
     with open(tmp_path / 'meta.pkl', 'wb') as f:
         pickle.dump(meta, f)  # as nanoGPT's data/shakespeare_char/prepare.py writes it
-    loaded = checkpoint.load_meta(str(tmp_path))
+    loaded = load_meta(str(tmp_path))
     assert loaded == meta
     assert ''.join(loaded['itos'][loaded['stoi'][c]] for c in text) == text
 
 
 def test_load_meta_returns_none_without_meta_pkl(tmp_path):
-    assert checkpoint.load_meta(str(tmp_path)) is None
+    assert load_meta(str(tmp_path)) is None
 
 
 @pytest.mark.parametrize('content', [b'garbage', pickle.dumps([1, 2, 3]), pickle.dumps({'vocab_size': 3})],
                          ids=['not-a-pickle', 'a-list', 'dict-missing-keys'])
 def test_load_meta_refuses_invalid_meta(tmp_path, capsys, content):
     (tmp_path / 'meta.pkl').write_bytes(content)
-    line = expect_die(capsys, checkpoint.load_meta, str(tmp_path))
+    line = expect_die(capsys, load_meta, str(tmp_path))
     assert 'meta.pkl' in line
 
 
@@ -327,19 +329,19 @@ def write_dataset(directory, train=b'\x01\x00' * 50, val=b'\x02\x00' * 20, manif
 
 def test_manifest_of_a_complete_dataset_is_returned(tmp_path):
     write_dataset(tmp_path)
-    assert checkpoint.read_manifest(str(tmp_path))['vocab_size'] == 7
-    assert checkpoint.load_tokens(str(tmp_path), 'val').tolist() == [2] * 20
+    assert read_manifest(str(tmp_path))['vocab_size'] == 7
+    assert load_tokens(str(tmp_path), 'val').tolist() == [2] * 20
 
 
 def test_dataset_without_manifest_is_taken_as_it_is(tmp_path):
     write_dataset(tmp_path, manifest=False)  # prepared by nanoGPT's scripts, say
-    assert checkpoint.read_manifest(str(tmp_path)) is None
+    assert read_manifest(str(tmp_path)) is None
 
 
 def test_dataset_whose_prepare_script_stopped_is_refused(tmp_path, capsys):
     write_dataset(tmp_path)
     (tmp_path / 'manifest.json').write_text(json.dumps({'complete': False}))
-    line = expect_die(capsys, checkpoint.read_manifest, str(tmp_path))
+    line = expect_die(capsys, read_manifest, str(tmp_path))
     assert 'incomplete' in line and 'prepare script again' in line
 
 
@@ -356,12 +358,12 @@ def test_dataset_files_that_changed_since_they_were_prepared_are_refused(tmp_pat
     else:
         os.remove(tmp_path / 'meta.pkl')
         expected = f"{tmp_path / 'meta.pkl'} is missing"
-    assert expected in expect_die(capsys, checkpoint.read_manifest, str(tmp_path))
+    assert expected in expect_die(capsys, read_manifest, str(tmp_path))
 
 
 @pytest.mark.parametrize('content, what', [(b'', 'is empty'), (b'\x01\x00\x02', 'has an odd number of bytes (3)')],
                          ids=['empty', 'odd size'])
 def test_token_file_that_cannot_hold_uint16_ids_is_refused(tmp_path, capsys, content, what):
     write_dataset(tmp_path, val=content, manifest=False)
-    line = expect_die(capsys, checkpoint.load_tokens, str(tmp_path), 'val')
+    line = expect_die(capsys, load_tokens, str(tmp_path), 'val')
     assert f"{tmp_path / 'val.bin'} {what}" in line

@@ -181,6 +181,12 @@ def test_config_file_that_raises_is_refused(capsys, tmp_path):
     assert path in line and 'undefined_name' in line
 
 
+@pytest.mark.parametrize('exit_call', ['import sys\nsys.exit(0)', 'exit()', 'quit()', 'raise SystemExit(3)'])
+def test_config_file_that_calls_exit_is_refused_instead_of_ending_the_script(tmp_path, exit_call):
+    path = write_config(tmp_path, f"batch_size = 4\n{exit_call}\n")
+    assert f"config file '{path}' called exit" in expect_error(None, [path])
+
+
 def test_config_file_error_with_multiline_message_still_prints_one_line(capsys, tmp_path):
     path = write_config(tmp_path, "raise ValueError('first line\\nsecond line')\n")
     line = expect_error(capsys, [path])
@@ -232,7 +238,8 @@ def train_like(**overrides):
     ('max_iters', -1), ('warmup_iters', -5), ('seed', -1), ('learning_rate', -1e-3), ('min_lr', -1e-5),
     ('weight_decay', -0.1), ('grad_clip', -1.0), ('temperature', -0.5), ('top_k', -1), ('peak_flops', -1.0),
     ('dropout', 1.0), ('dropout', -0.1), ('beta1', 1.0), ('beta2', 1.5), ('top_p', 0.0), ('top_p', 1.01),
-    ('backend', 'mpi'), ('out_dir', ''),
+    ('backend', 'mpi'), ('out_dir', ''), ('batch_size', 10**20), ('n_embd', 2**31), ('max_iters', 2**31),
+    ('top_k', 10**20),
 ])
 def test_out_of_range_setting_is_refused_with_its_name_and_range(key, value):
     with pytest.raises(UserError) as info:
@@ -262,6 +269,7 @@ def test_settings_that_contradict_each_other_are_refused(overrides, names):
     {}, dict(warmup_iters=2000, lr_decay_iters=2000), dict(warmup_iters=100, lr_decay_iters=6), dict(warmup_iters=0), dict(max_iters=0), dict(top_k=0),
     dict(top_p=1.0), dict(temperature=0.0), dict(learning_rate=0.0, min_lr=0.0), dict(grad_clip=0.0),
     dict(decay_lr=False, min_lr=1.0, warmup_iters=5000), dict(beta2=0.999), dict(dropout=0.5),
+    dict(batch_size=2**31 - 1, max_iters=2**31 - 1, lr_decay_iters=2**31 - 1),
 ], ids=str)
 def test_valid_settings_and_boundaries_pass(overrides):
     check_settings(train_like(**overrides))

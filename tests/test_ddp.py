@@ -22,7 +22,7 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from scripts import (REPO_ROOT, TINY, args_of, assert_one_line_error, eval_losses, iter_losses, prepare_char_dataset,
-                     run_script, script_env, train)
+                     run_script, script_env, site_env, train)
 
 pytestmark = pytest.mark.slow
 
@@ -42,11 +42,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_torchrun(launcher_args, cwd=REPO_ROOT, **overrides):
+def start_torchrun(launcher_args, cwd=REPO_ROOT, env=None, **overrides):
     """Start `torchrun <launcher_args> train.py <SETTINGS + overrides>` in its own process group."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', *launcher_args, TRAIN_PY,
            *args_of(dict(SETTINGS, **overrides))]
-    return subprocess.Popen(cmd, cwd=cwd, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=cwd, env=env or script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
 
@@ -66,8 +66,8 @@ def check_ok(proc):
     return proc
 
 
-def torchrun(launcher_args, cwd=REPO_ROOT, timeout=TIMEOUT, **overrides):
-    return finish(start_torchrun(launcher_args, cwd=cwd, **overrides), timeout)
+def torchrun(launcher_args, cwd=REPO_ROOT, timeout=TIMEOUT, env=None, **overrides):
+    return finish(start_torchrun(launcher_args, cwd=cwd, env=env, **overrides), timeout)
 
 
 def two_processes(**overrides):
@@ -259,6 +259,67 @@ def test_ddp_with_the_faster_recipe_matches_single_process(dataset, tmp_path):
     alone = single_process(out_dir=str(tmp_path / 'one'), **recipe).stdout
     shared = two_processes(out_dir=str(tmp_path / 'two'), **recipe).stdout
     assert_same_losses(shared, alone, iters=range(4), steps=[0, 4])
+
+
+# a non-finite training loss on rank 1 only, at its third step, which also gets a pre-emption notice then
+NAN_ON_RANK_1 = """
+import os
+import signal
+import torch
+import torch.nn.functional as F
+cross_entropy = F.cross_entropy
+steps = [0]
+def poisoned(*args, **kwargs):
+    loss = cross_entropy(*args, **kwargs)
+    if torch.is_grad_enabled() and os.environ.get('RANK') == '1':
+        steps[0] += 1
+        if steps[0] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return loss * float('nan')
+    return loss
+F.cross_entropy = poisoned
+"""
+
+
+@pytest.mark.parametrize('mode', ['ddp', 'fsdp'])
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_without_saving(dataset, tmp_path, mode):
+    """The stop is decided from all-reduced values: before, rank 0 saw its own finite loss and saved the poisoned
+    weights (DDP) or waited in the save's collective for a rank that had left (FSDP)."""
+    out_dir = tmp_path / 'out'
+    proc = torchrun(['--standalone', '--nproc_per_node=2', '--monitor-interval=15'], timeout=120,
+                    env=site_env(str(tmp_path / 'site'), NAN_ON_RANK_1), dataset=dataset, out_dir=str(out_dir),
+                    max_iters=100, eval_interval=1000, log_interval=10, fsdp=mode == 'fsdp')
+    assert proc.returncode != 0
+    # (once the process group is up, torch prefixes each line of a worker's last words with its rank)
+    errors = re.findall(r'^(?:\[rank\d\]: )?(error: .*)$', proc.stderr, re.M)
+    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]
+    assert 'training loss is nan at iter 3;' in errors[0]
+    assert 'train.py", line' not in proc.stderr, proc.stderr[-3000:]
+    assert not (out_dir / 'ckpt.pt').exists(), "a checkpoint was written from the poisoned weights"
+
+
+@pytest.fixture(scope='module')
+def one_item_hellaswag(hellaswag, tmp_path_factory):
+    """Fewer HellaSwag items than processes: one process has none of its own."""
+    path = tmp_path_factory.mktemp('hellaswag_1') / 'hellaswag.jsonl'
+    with open(hellaswag) as f:
+        path.write_text(f.readline())
+    return str(path)
+
+
+def test_ddp_and_fsdp_in_bfloat16_match_one_process(dataset, one_item_hellaswag, tmp_path):
+    """bfloat16 on 2 processes, autocast as on one: DDP to the printed digit; FSDP, whose parameters (and so its
+    residual stream) are bfloat16 too, within 0.02, with its losses computed and reported in float32."""
+    settings = dict(dataset=dataset, max_iters=4, dtype='bfloat16', hellaswag=one_item_hellaswag)
+    alone = single_process(out_dir=str(tmp_path / 'one'), **settings).stdout
+    ddp = two_processes(out_dir=str(tmp_path / 'ddp'), **settings).stdout
+    fsdp = two_processes(out_dir=str(tmp_path / 'fsdp'), fsdp=True, **settings).stdout
+    assert_same_losses(ddp, alone, iters=range(4), steps=[0, 4])
+    assert_same_losses(fsdp, alone, iters=range(4), steps=[0, 4], tol=0.02)
+    # bfloat16 losses near 4 are multiples of 1/64: float32 ones are not
+    assert any((loss * 64) % 1 for loss in iter_losses(fsdp).values()), iter_losses(fsdp)
+    scored = r'^step (\d+): hellaswag acc_norm ([\d.]+), acc ([\d.]+) \(1 items\)$'
+    assert re.findall(scored, fsdp, re.M) == re.findall(scored, alone, re.M) != []
 
 
 # ----------------------------------------------------------------------------- FSDP

@@ -83,6 +83,14 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
     assert f"config file '{config}' is not UTF-8 text" in error
 
 
+@pytest.mark.parametrize('exit_call', ['import sys\nsys.exit(0)', 'exit()', 'quit()'])
+def test_a_config_file_that_calls_exit_is_one_line_not_a_silent_end(tmp_path, exit_call):
+    config = tmp_path / 'exits.py'
+    config.write_text(f"batch_size = 4\n{exit_call}\n")
+    error = assert_one_line_error(run_script('train.py', str(config), check=False))
+    assert f"config file '{config}' called exit" in error
+
+
 def test_missing_config_file_says_it_cannot_be_read():
     proc = run_script('train.py', 'config/nope.py', check=False)
     error = assert_one_line_error(proc)
@@ -105,6 +113,14 @@ def test_out_of_range_setting_stops_before_any_work(tmp_path, dataset, trained, 
         args = [f'--out_dir={out_dir}', '--device=cpu']
     error = assert_refused(run_script(script, *args, f'--{setting}', check=False), before, out_dir)
     assert error.startswith(f"error: {setting} is out of range: it must be ")
+
+
+@pytest.mark.parametrize('key', ['batch_size', 'n_embd'])
+def test_a_size_beyond_any_real_run_is_one_line(tmp_path, dataset, key):
+    out_dir = str(tmp_path / 'out')
+    error = assert_one_line_error(run_script('train.py', *tiny_args(dataset, out_dir), f'--{key}=1e20', check=False))
+    assert error == f"error: {key}={10**20} is out of range: it must be from 1 to 2**31 - 1"
+    assert not os.path.exists(out_dir)  # nothing written for a run that cannot start
 
 
 @pytest.mark.parametrize('script, shape, message', [
@@ -157,19 +173,16 @@ def test_unknown_dtype_lists_the_known_ones():
         assert known in error
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and not torch.cuda.is_bf16_supported()),
-                    reason="needs a CUDA GPU without bfloat16 support (e.g. V100, T4); this machine has none")
-def test_bfloat16_on_a_gpu_without_it_suggests_float16():
-    error = assert_one_line_error(run_script('train.py', '--device=cuda', '--dtype=bfloat16', check=False))
-    assert 'bfloat16' in error and '--dtype=float16' in error
+def test_bfloat16_on_a_gpu_without_it_suggests_float16(fake_gpu_env):
+    env = fake_gpu_env('Tesla T4', (7, 5))  # bfloat16 only emulated: no bfloat16 tensor cores before 8.0
+    error = assert_one_line_error(run_script('train.py', '--device=cuda', '--dtype=bfloat16', env=env, check=False))
+    assert 'Tesla T4' in error and 'bfloat16' in error and '--dtype=float16' in error
 
 
-def test_compile_defaults_to_the_device_chosen_on_the_command_line(tmp_path, dataset):
-    # a stand-in for a GPU machine: CUDA "available", so the best device, and the old default compile, are cuda's
-    fake_gpu = tmp_path / 'fake_gpu'
-    fake_gpu.mkdir()
-    (fake_gpu / 'sitecustomize.py').write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
-    env = script_env(PYTHONPATH=fake_gpu)
+def test_compile_defaults_to_the_device_chosen_on_the_command_line(tmp_path, dataset, fake_gpu_env):
+    env = fake_gpu_env()
+    # on a GPU machine the best device, and so the old default compile, are cuda's
+    assert re.search(r'^  --device=cuda ', run_script('train.py', '--help', env=env).stdout, re.M)
     settings = {k: v for k, v in TINY.items() if k != 'compile'}
     proc = run_script('train.py', *args_of(dict(settings, dataset=dataset, out_dir=tmp_path / 'out', max_iters=1,
                                                  peak_flops=1e12)), env=env)

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 import checkpoint
 import eval as evaluate
 from configurator import UserError
+from dataset import Tokenizer, load_meta, load_tokens
 from model import GPT, GPTConfig
 from scripts import assert_one_line_error, prepare_char_dataset, run_script, script_env
 
@@ -122,7 +123,7 @@ def char_run(tmp_path_factory, small_text):
     """A prepared char dataset and a random char model saved as train.py saves a checkpoint."""
     root = tmp_path_factory.mktemp('char')
     dataset = prepare_char_dataset(str(root), small_text)
-    meta = checkpoint.load_meta(dataset)
+    meta = load_meta(dataset)
     torch.manual_seed(3)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=meta['vocab_size'], bias=False))
     out_dir = root / 'out'
@@ -165,7 +166,7 @@ def test_a_char_model_reads_a_text_file_with_its_own_characters(tmp_path, char_r
 
 def test_hellaswag_scores_every_ending_as_transformers_does(gpt2_dir, oracle, benchmark_files, tiktoken_cache):
     model, meta, _ = checkpoint.load_model(gpt2_dir, out_dir='')
-    tokenizer = checkpoint.Tokenizer(meta)
+    tokenizer = Tokenizer(meta)
     items = evaluate.load_items(benchmark_files['hellaswag'], 'validation', ('ctx', 'endings', 'label'), 'hellaswag')
     scores = evaluate.hellaswag_scores(model, tokenizer, items, progress=False)
     enc = gpt2_encoding()
@@ -190,7 +191,7 @@ def test_lambada_predictions_and_perplexity_equal_transformers_greedy_decoding(g
                                                                               tiktoken_cache):
     model, meta, _ = checkpoint.load_model(gpt2_dir, out_dir='')
     items = evaluate.load_items(benchmark_files['lambada'], 'test', ('text',), 'lambada')
-    scores = evaluate.lambada_scores(model, checkpoint.Tokenizer(meta), items, batch_size=3, progress=False)
+    scores = evaluate.lambada_scores(model, Tokenizer(meta), items, batch_size=3, progress=False)
     enc = gpt2_encoding()
     losses = []
     for item, (loss, hit) in zip(benchmark_files['lambada_items'], scores):
@@ -314,7 +315,7 @@ def test_lambada_passage_with_trailing_whitespace_has_its_last_word_as_the_targe
     _, _, _, meta = char_run
     (tmp_path / 'lambada.jsonl').write_text(json.dumps({'text': 'the king is dead \n'}) + '\n')
     [item] = evaluate.load_items(str(tmp_path / 'lambada.jsonl'), 'test', ('text',), 'lambada')
-    tokenizer = checkpoint.Tokenizer(meta)
+    tokenizer = Tokenizer(meta)
     stripped = {'text': 'the king is dead'}
     assert evaluate.lambada_item(tokenizer, item, 48) == evaluate.lambada_item(tokenizer, stripped, 48)
 
@@ -341,7 +342,7 @@ def test_out_that_is_a_directory_is_named_so(tmp_path):
 def test_a_gpt2_model_refuses_a_char_dataset(char_run):
     dataset, _, _, _ = char_run
     with pytest.raises(UserError, match=re.escape("the model reads GPT-2's BPE tokens but dataset")):
-        evaluate.check_tokenizer(checkpoint.load_tokens(dataset, 'val'), dataset, 'val', 50257, None)
+        evaluate.check_tokenizer(load_tokens(dataset, 'val'), dataset, 'val', 50257, None)
 
 
 def test_a_benchmark_file_that_does_not_exist_is_named(tmp_path):
@@ -370,7 +371,7 @@ def test_hellaswag_during_training_is_logged_as_the_checkpoint_scores_it(tmp_pat
         logged = [row for row in map(json.loads, f) if row['iter'] == 4 and 'val_loss' in row][0]
     # oracle: eval.py's scoring of the first 6 items with the checkpoint written at that evaluation
     model, meta, _ = checkpoint.load_model('resume', out_dir, 'ckpt.pt')
-    expected = evaluate.hellaswag_accuracy(evaluate.hellaswag_scores(model, checkpoint.Tokenizer(meta), items[:6],
+    expected = evaluate.hellaswag_accuracy(evaluate.hellaswag_scores(model, Tokenizer(meta), items[:6],
                                                                      progress=False))
     assert logged['hellaswag_acc_norm'] == pytest.approx(expected['acc_norm'])
     assert logged['hellaswag_acc'] == pytest.approx(expected['acc'])

@@ -96,7 +96,8 @@ def test_the_readmes_export_and_pipeline_lines_work_offline_for_the_cpu_finetune
 # and copied from out-nanogpt-fixture/ckpt.pt: the checkpoint of iter 5, which names its dataset
 # 'shakespeare_char' and holds no vocabulary, and records nanoGPT's CPU settings (dtype float16, no compile)
 NANOGPT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'nanogpt_ckpt.pt')
-SCRIPTS = ('train.py', 'sample.py', 'eval.py', 'model.py', 'checkpoint.py', 'configurator.py', 'hardware.py', 'metrics.py')
+SCRIPTS = ('train.py', 'sample.py', 'eval.py', 'model.py', 'checkpoint.py', 'dataset.py', 'configurator.py',
+           'hardware.py', 'metrics.py')
 
 
 @pytest.mark.slow

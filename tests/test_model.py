@@ -11,6 +11,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 import checkpoint
 from model import GPT, GPTConfig, KVCache, sample_next
@@ -38,22 +39,36 @@ def all_logits(model, idx):
     return logits
 
 
-def set_flash(model, flash):
-    for block in model.transformer.h:
-        block.attn.flash = flash
+def attention_by_hand(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
+    """The reference for scaled_dot_product_attention, from the shapes alone: softmax of the scaled q.k
+    over the keys up to each query's own position (the query i of T new ones after S - T cached keys is
+    at position S - T + i)."""
+    T, S = q.size(-2), k.size(-2)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+    att = att.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T), float('-inf'))
+    return F.dropout(F.softmax(att, dim=-1), dropout_p) @ v
+
+
+SDPA = F.scaled_dot_product_attention
+
+
+def use_attention(monkeypatch, flash):
+    """model.py's attention: scaled_dot_product_attention (flash), or else the by-hand reference in its place
+    (model.py calls it as F.scaled_dot_product_attention, from this same module F)."""
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', SDPA if flash else attention_by_hand)
 
 
 # ----------------------------------------------------------------------------- forward pass and loss
 
 @pytest.mark.parametrize('bias', [True, False])
-def test_flash_attention_matches_plain_attention_and_its_gradients(bias):
+def test_flash_attention_matches_plain_attention_and_its_gradients(bias, monkeypatch):
     model = tiny_model(bias=bias)
     model.train()  # dropout is 0, so train mode is deterministic; it exercises the training code path
     idx = torch.randint(0, 50, (3, 16))
     targets = torch.randint(0, 50, (3, 16))
 
     def logits_loss_grads(flash):
-        set_flash(model, flash)
+        use_attention(monkeypatch, flash)
         model.zero_grad()
         logits, loss = model(idx, targets)
         loss.backward()
@@ -69,10 +84,10 @@ def test_flash_attention_matches_plain_attention_and_its_gradients(bias):
 
 
 @pytest.mark.parametrize('flash', [True, False])
-def test_logits_never_depend_on_later_tokens(flash):
+def test_logits_never_depend_on_later_tokens(flash, monkeypatch):
     model = tiny_model()
     model.eval()
-    set_flash(model, flash)
+    use_attention(monkeypatch, flash)
     generator = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 50, (2, 16), generator=generator)
     base = all_logits(model, idx)
@@ -433,8 +448,8 @@ def test_cached_sampling_equals_uncached_sampling_with_same_seed(gen_model):
 
 
 @pytest.mark.parametrize('flash', [True, False])
-def test_incremental_cached_logits_equal_full_forward_logits(gen_model, flash):
-    set_flash(gen_model, flash)
+def test_incremental_cached_logits_equal_full_forward_logits(gen_model, flash, monkeypatch):
+    use_attention(monkeypatch, flash)
     B, T, P = 2, 32, 7
     idx = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(3))
     full = all_logits(gen_model, idx)
@@ -449,10 +464,10 @@ def test_incremental_cached_logits_equal_full_forward_logits(gen_model, flash):
 
 
 @pytest.mark.parametrize('flash', [True, False])
-def test_several_new_tokens_after_cached_ones_see_exactly_their_past(gen_model, flash):
+def test_several_new_tokens_after_cached_ones_see_exactly_their_past(gen_model, flash, monkeypatch):
     # chunks of several tokens into a non-empty cache: each must attend to the cache and to the earlier
     # tokens of its own chunk only (SDPA's is_causal alone would align the mask to the wrong corner)
-    set_flash(gen_model, flash)
+    use_attention(monkeypatch, flash)
     idx = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(8))
     full = all_logits(gen_model, idx)
     cache = KVCache(gen_model.config, 2)

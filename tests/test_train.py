@@ -15,7 +15,8 @@ import time
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, load_meta, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from dataset import load_meta
 from scripts import (REPO_ROOT, TINY, args_of, assert_one_line_error, eval_losses, iter_losses,
                      prepare_char_dataset, run_script, script_env, train)
 
