@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import is_pretrained_name, load_checkpoint, model_from_checkpoint, new_model, pretrained_model
+from checkpoint import check_init_from, load_checkpoint, model_from_checkpoint, new_model, pretrained_model
 from dataset import dataset_dir, load_tokens
 from hardware import (autocast_context, best_device, check_device, compile_default, peak_flops as device_peak_flops,
                       peak_memory, sync)
@@ -66,6 +66,7 @@ torch.manual_seed(seed)
 ctx = autocast_context(device_type, dtype)
 
 # model
+check_init_from(init_from, ('scratch', 'resume'))
 if init_from == 'scratch':
     vocab_size = vocab_size or (50304 if mode == 'train' else 50257)
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -73,11 +74,8 @@ if init_from == 'scratch':
     model = new_model(model_args, "the settings")
 elif init_from == 'resume':
     model = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, 'ckpt.pt')), dropout=dropout)
-elif is_pretrained_name(init_from):
-    model = pretrained_model(init_from, dropout=dropout)
 else:
-    raise UserError(f"unknown init_from '{init_from}': use scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
-                    "or a local directory holding Hugging Face GPT-2 weights")
+    model = pretrained_model(init_from, dropout=dropout)
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)
 block_size = model.config.block_size

@@ -13,12 +13,15 @@ from dataclasses import asdict
 import filelock
 import torch
 
-from configurator import UserError
+from configurator import UserError, check_settings
 from dataset import dataset_dir, first_line, load_meta
 from model import GPT, GPTConfig, HUB_MODELS
 
 FIXED_ON_RESUME = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'rope', 'qk_norm',
                    'optimizer')
+# the settings that belong to the machine a run is on, not to the run: a resumed run always takes today's
+MACHINE_SETTINGS = {'out_dir', 'init_from', 'start_over', 'device', 'dtype', 'compile', 'backend', 'fsdp',
+                    'activation_checkpointing', 'peak_flops'}
 CHECKPOINT_FILES = ('ckpt.pt', 'best.pt')
 
 
@@ -113,6 +116,29 @@ def fixed_settings(checkpoint):
     return {k: saved[k] for k in FIXED_ON_RESUME}
 
 
+def apply_saved_settings(checkpoint, namespace, keys, user_keys):
+    """A resumed run continues with its checkpoint's settings: into namespace (a script's globals) go the saved
+    values of keys, except those given now (a larger max_iters, say) and the machine's. The result must fit the
+    rules, and a setting given now may not contradict the model or optimizer saved."""
+    for k, v in checkpoint.get('config', {}).items():
+        if k in keys and k not in user_keys and k not in MACHINE_SETTINGS and type(v) is type(namespace[k]):
+            namespace[k] = v
+    check_settings(namespace)  # e.g. a min_lr given now above the saved learning_rate
+    for k, saved in fixed_settings(checkpoint).items():
+        if k in user_keys and namespace[k] != saved:
+            raise UserError(f"{k}={namespace[k]} contradicts the checkpoint's {k}={saved}; a resumed run keeps "
+                            f"its model and optimizer, so drop --{k}")
+
+
+def check_model_fits_data(model, block_size, data_vocab_size, dataset):
+    """A context no longer than the model's, and a vocabulary the model's embedding holds."""
+    if block_size > model.config.block_size:
+        raise UserError(f"block_size={block_size} is larger than the model's {model.config.block_size}")
+    if data_vocab_size and data_vocab_size > model.config.vocab_size:
+        raise UserError(f"dataset '{dataset}' has {data_vocab_size} tokens in its vocabulary, more than the model's "
+                        f"{model.config.vocab_size}; train from scratch on it instead")
+
+
 def model_from_checkpoint(checkpoint, dropout=None):
     model_args = dict(checkpoint['model_args'])
     if dropout is not None:
@@ -151,10 +177,18 @@ def is_pretrained_name(init_from):
     return init_from in HUB_MODELS or os.path.isdir(init_from)
 
 
+def check_init_from(init_from, starts):
+    """init_from must be one of a script's starts ('scratch', 'resume'), a GPT-2 name or a Hugging Face directory."""
+    if init_from not in starts and not is_pretrained_name(init_from):
+        raise UserError(f"unknown init_from '{init_from}': use {', '.join(starts)}, gpt2, gpt2-medium, gpt2-large, "
+                        "gpt2-xl or a local directory holding Hugging Face GPT-2 weights")
+
+
 def load_model(init_from, out_dir, checkpoint_name=''):
     """The model to sample from or evaluate, as sample.py and eval.py load it: with init_from='resume' from
     out_dir's best.pt if there is one, else its ckpt.pt (or checkpoint_name), else GPT-2 weights from the hub or
     a local Hugging Face directory. Returns (model in eval mode, its char vocabulary or None, what was loaded)."""
+    check_init_from(init_from, ('resume',))
     if init_from == 'resume':
         path = os.path.join(out_dir, checkpoint_name or ('best.pt' if os.path.exists(os.path.join(out_dir, 'best.pt'))
                                                          else 'ckpt.pt'))
@@ -168,11 +202,8 @@ def load_model(init_from, out_dir, checkpoint_name=''):
                             "missing; prepare the dataset again")
         described = (f"{path} (iter {ckpt.get('iter_num', '?')}, "
                      f"best val loss {float(ckpt.get('best_val_loss', float('nan'))):.4f})")
-    elif is_pretrained_name(init_from):
-        model, meta, described = pretrained_model(init_from), None, init_from
     else:
-        raise UserError(f"unknown init_from '{init_from}': use resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
-                        "or a local directory holding Hugging Face GPT-2 weights")
+        model, meta, described = pretrained_model(init_from), None, init_from
     return model.eval(), meta, described
 
 

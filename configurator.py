@@ -74,6 +74,9 @@ JOINT_RULES = [
     (('decay_lr', 'min_lr', 'learning_rate'), lambda s: not s['decay_lr'] or s['min_lr'] <= s['learning_rate'],
      "min_lr={min_lr} is above learning_rate={learning_rate}, so the decay would raise it; lower --min_lr "
      "or set --decay_lr=False"),
+    (('fsdp', 'optimizer'), lambda s: not (s['fsdp'] and s['optimizer'] == 'muon'),
+     "optimizer=muon orthogonalises whole matrices, which fsdp=True splits over the processes; use "
+     "optimizer=adamw with FSDP, or DDP (fsdp=False) with Muon"),
 ]
 
 

@@ -54,6 +54,32 @@ def read_manifest(data_dir):
     return manifest
 
 
+def script_to_prepare(data_dir):
+    """None for a dataset whose train.bin and val.bin exist; else the prepare script that makes them, when it is
+    one of the small datasets that train.py prepares on the spot; else a UserError saying what to run."""
+    missing = [f'{split}.bin' for split in ('train', 'val') if not os.path.exists(os.path.join(data_dir, f'{split}.bin'))]
+    if not missing:
+        return None
+    prepare_script = os.path.join(data_dir, 'prepare.py')
+    if not os.path.exists(prepare_script):
+        raise UserError(f"no {' or '.join(missing)} in {data_dir}; make them with a prepare script, e.g. python "
+                        "data/openwebtext/prepare.py --dataset=YOUR_TEXT_FOLDER --out_dir=data/NAME, then "
+                        "--dataset=NAME")
+    if os.path.basename(data_dir) not in ('shakespeare_char', 'shakespeare'):
+        raise UserError(f"no {' or '.join(missing)} in {data_dir}; prepare the dataset first: python {prepare_script}")
+    return prepare_script
+
+
+def load_splits(data_dir, dataset, block_size):
+    """train.bin and val.bin (see load_tokens), each long enough for one window of block_size + 1 tokens."""
+    splits = load_tokens(data_dir, 'train'), load_tokens(data_dir, 'val')
+    for split, data in zip(('train', 'val'), splits):
+        if len(data) <= block_size:
+            raise UserError(f"the {split} split of '{dataset}' has {len(data)} tokens, too few for "
+                            f"block_size={block_size}; use a smaller --block_size or more data")
+    return splits
+
+
 def load_tokens(data_dir, split):
     """The uint16 token ids of data_dir/<split>.bin as a read-only memmap (it never needs to fit in memory)."""
     path = os.path.join(data_dir, f'{split}.bin')

@@ -20,7 +20,7 @@ dropout masks are drawn from generators seeded with them (and the micro-batch's 
 the uninterrupted one exactly, and a step computes the same however many processes share it.
 """
 
-from configurator import UserError, check_settings, configure, report_errors, settings_of
+from configurator import UserError, configure, report_errors, settings_of
 
 report_errors()  # first: a mistake is one 'error:' line, Ctrl-C (even while importing) no traceback
 
@@ -43,9 +43,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (check_room_for_checkpoint, claim_out_dir, fixed_settings, is_pretrained_name,
-                        load_checkpoint, model_from_checkpoint, new_model, pretrained_model, save_checkpoint)
-from dataset import Tokenizer, check_vocabulary, dataset_dir, load_meta, load_tokens, read_manifest
+from checkpoint import (apply_saved_settings, check_init_from, check_model_fits_data, check_room_for_checkpoint,
+                        claim_out_dir, load_checkpoint, model_from_checkpoint, new_model, pretrained_model,
+                        save_checkpoint)
+from dataset import Tokenizer, check_vocabulary, dataset_dir, load_meta, load_splits, read_manifest, script_to_prepare
 from eval import hellaswag_accuracy, hellaswag_item, hellaswag_scores, load_items
 from hardware import (DTYPES, autocast_context, best_device, check_device, compile_default, compile_failure,
                       held_memory, peak_flops as device_peak_flops, peak_memory)
@@ -110,32 +111,16 @@ peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks the GPU up by name
 config_keys = settings_of(globals())
 user_keys = configure(globals())  # overrides from the command line or config files, checked
 compile = compile_default(device, compile, user_keys)  # of the device given, if one is
-if init_from not in ('scratch', 'resume') and not is_pretrained_name(init_from):
-    raise UserError(f"unknown init_from '{init_from}': use scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl "
-                    "or a local directory holding Hugging Face GPT-2 weights")
+check_init_from(init_from, ('scratch', 'resume'))
 checkpoint = None
-if init_from == 'resume':
-    # a resumed run continues with its saved settings; what is given now (e.g. a larger max_iters) wins,
-    # except the machine-specific ones, which are always this run's
+if init_from == 'resume':  # it continues with its saved settings, but for those given now
     checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), required=('optimizer', 'iter_num', 'best_val_loss'))
-    machine_keys = {'out_dir', 'init_from', 'start_over', 'device', 'dtype', 'compile', 'backend', 'fsdp',
-                    'activation_checkpointing', 'peak_flops'}
-    for k, v in checkpoint.get('config', {}).items():
-        if k in config_keys and k not in user_keys and k not in machine_keys and type(v) is type(globals()[k]):
-            globals()[k] = v
-    check_settings(globals())  # what is given now must fit what was saved (e.g. min_lr below learning_rate)
-    for k, saved in fixed_settings(checkpoint).items():
-        if k in user_keys and globals()[k] != saved:
-            raise UserError(f"{k}={globals()[k]} contradicts the checkpoint's {k}={saved}; a resumed run keeps "
-                            f"its model and optimizer, so drop --{k}")
+    apply_saved_settings(checkpoint, globals(), config_keys, user_keys)
 config = {k: globals()[k] for k in config_keys}  # will be useful for logging and checkpoints
 # -----------------------------------------------------------------------------
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a torchrun launch? (then DDP, or FSDP with fsdp=True)
-if fsdp and optimizer == 'muon':
-    raise UserError("optimizer=muon orthogonalises whole matrices, which fsdp=True splits over the processes; "
-                    "use optimizer=adamw with FSDP, or DDP (fsdp=False) with Muon")
 if fsdp and not ddp:
     raise UserError("fsdp=True shards the model over processes: launch with torchrun, e.g. torchrun --standalone "
                     "--nproc_per_node=8 train.py ...; in one process, drop --fsdp")
@@ -169,15 +154,8 @@ ctx = autocast_context(device_type, dtype)
 
 # data: train.bin and val.bin are uint16 token ids, read through memmaps so they never need to fit in memory
 data_dir = dataset_dir(dataset)
-missing = [f'{split}.bin' for split in ('train', 'val') if not os.path.exists(os.path.join(data_dir, f'{split}.bin'))]
-if missing:
-    prepare_script = os.path.join(data_dir, 'prepare.py')
-    if not os.path.exists(prepare_script):
-        raise UserError(f"no {' or '.join(missing)} in {data_dir}; make them with a prepare script, e.g. python "
-                        "data/openwebtext/prepare.py --dataset=YOUR_TEXT_FOLDER --out_dir=data/NAME, then "
-                        "--dataset=NAME")
-    if os.path.basename(data_dir) not in ('shakespeare_char', 'shakespeare'):
-        raise UserError(f"no {' or '.join(missing)} in {data_dir}; prepare the dataset first: python {prepare_script}")
+prepare_script = script_to_prepare(data_dir)
+if prepare_script:
     if ddp_local_rank == 0:  # small datasets are prepared on the spot, once per node
         print(f"dataset '{dataset}' is not prepared yet; running {prepare_script}", flush=True)
         returncode = subprocess.run([sys.executable, prepare_script]).returncode
@@ -186,11 +164,7 @@ if missing:
     if ddp:
         dist.barrier()
 manifest = read_manifest(data_dir)  # None for a dataset prepared elsewhere (by nanoGPT, say)
-train_data, val_data = load_tokens(data_dir, 'train'), load_tokens(data_dir, 'val')
-for split, data in (('train', train_data), ('val', val_data)):
-    if len(data) <= block_size:
-        raise UserError(f"the {split} split of '{dataset}' has {len(data)} tokens, too few for "
-                        f"block_size={block_size}; use a smaller --block_size or more data")
+train_data, val_data = load_splits(data_dir, dataset, block_size)
 superseded = []  # an earlier run's checkpoints, which --start_over=True deletes once every check has passed
 if master_process and not eval_only:
     out_dir_lock, superseded = claim_out_dir(out_dir, resuming=init_from == 'resume', start_over=start_over)
@@ -264,11 +238,7 @@ else:
 check_vocabulary(model_meta, meta, dataset)
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # e.g. GPT-2's 1024 cropped to a shorter context for finetuning
-if block_size > model.config.block_size:
-    raise UserError(f"block_size={block_size} is larger than the model's {model.config.block_size}")
-if data_vocab_size and data_vocab_size > model.config.vocab_size:
-    raise UserError(f"dataset '{dataset}' has {data_vocab_size} tokens in its vocabulary, more than the model's "
-                    f"{model.config.vocab_size}; train from scratch on it instead")
+check_model_fits_data(model, block_size, data_vocab_size, dataset)
 model_args = asdict(model.config)  # all of GPTConfig: sample.py and resume rebuild the same model
 if master_process and not eval_only:
     check_room_for_checkpoint(out_dir, model)
@@ -311,21 +281,22 @@ saved_at = resumed_at  # the iteration that ckpt.pt holds
 
 
 def warm_up(model):
-    """A training step's forward and backward, and an evaluation's forward: a compiled model compiles now."""
+    """A training and an evaluation forward pass: a compiled model compiles now (a backward would alter FSDP's)."""
     X, Y = get_batch('val', [seed, 4])
     with ctx:
-        model(X, Y)[1].backward()
+        model(X, Y)
         with torch.no_grad():
             model.eval()(X, Y)
-    model.train().zero_grad(set_to_none=True)
+    model.train()
 
 
+raw_model = model  # to read and save state from, neither compiled nor wrapped by DDP
 if compile:
     if master_process:
         print("compiling the model... (takes a ~minute)")
     compiled = torch.compile(model)
     failure = compile_failure(lambda: warm_up(compiled))
-    failed = torch.tensor([failure is not None])  # every process falls back if one does
+    failed = torch.tensor([failure is not None], dtype=torch.int32)  # every process falls back if one does
     if ddp:
         dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=control_group)
     if failed.item() and master_process:
@@ -333,8 +304,6 @@ if compile:
               "--compile=False skips the attempt", file=sys.stderr)
     model, compile = (model, False) if failed.item() else (compiled, True)
 train_model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None) if ddp and not fsdp else model
-raw_model = train_model.module if isinstance(train_model, DDP) else model
-raw_model = getattr(raw_model, '_orig_mod', raw_model)  # unwrap torch.compile too
 
 
 @torch.no_grad()
