@@ -21,8 +21,8 @@ import torch
 
 from checkpoint import check_init_from, load_checkpoint, model_from_checkpoint, new_model, pretrained_model
 from dataset import dataset_dir, load_tokens
-from hardware import (autocast_context, best_device, check_device, compile_default, peak_flops as device_peak_flops,
-                      peak_memory, sync)
+from hardware import (autocast_context, best_device, best_dtype, check_device, compile_default, dtype_default,
+                      peak_flops as device_peak_flops, peak_memory, sync)
 
 # -----------------------------------------------------------------------------
 mode = 'train'  # 'train' or 'sample'
@@ -51,14 +51,14 @@ num_samples = 1  # batch size of generation
 compare_uncached = True  # also time generate(use_cache=False); slow for long sequences
 # system
 device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the best one this machine has
-dtype = 'auto'  # 'float32', 'bfloat16' or 'float16'; 'auto': bfloat16 on Ampere+ GPUs, float16 on older, else float32
-compile = False  # torch.compile; unless set, on for CUDA only, as in train.py
+dtype = best_dtype(device)  # float32, bfloat16 or float16; auto is the device's best (README: Precision)
+compile = device.startswith('cuda')  # torch.compile; unless set, on for CUDA only, as in train.py
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks the GPU up by name, or measures a CPU
 profile = False  # also print torch.profiler's table of the top ops
 seed = 1337  # decides the random weights and tokens
 # -----------------------------------------------------------------------------
 user_keys = configure(globals())
-compile = compile_default(device, compile, user_keys)
+dtype, compile = dtype_default(device, dtype, user_keys), compile_default(device, compile, user_keys)
 if mode not in ('train', 'sample'):
     raise UserError(f"unknown mode '{mode}'; use train or sample")
 device_type, dtype = check_device(device, dtype)

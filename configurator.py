@@ -27,6 +27,11 @@ class UserError(Exception):
     """A mistake the user can fix (a setting, a file, a checkpoint), with a message that says how."""
 
 
+class EveryRankError(UserError):
+    """A UserError that every process of a torchrun launch meets alike (a setting, an all-reduced loss): only
+    rank 0 prints it."""
+
+
 def report_errors():
     """Make this script print a UserError as one 'error:' line (exit code 1) and stop on Ctrl-C without a
     traceback (Python then exits as killed by SIGINT: code 130); any other exception keeps its traceback."""
@@ -34,7 +39,9 @@ def report_errors():
 
     def hook(kind, error, tb):
         if issubclass(kind, UserError):
-            print(f"error: {error}", file=sys.stderr)
+            said_by_rank_0 = issubclass(kind, EveryRankError) and os.environ.get('RANK', '0') != '0'
+            if not said_by_rank_0:  # under torchrun, once for all
+                print(f"error: {error}", file=sys.stderr)
         elif not issubclass(kind, KeyboardInterrupt):
             default_hook(kind, error, tb)
 
@@ -85,14 +92,14 @@ def check_settings(namespace):
     settings = {k: namespace[k] for k in settings_of(namespace)}
     for key, value in settings.items():
         if type(value) is float and not math.isfinite(value):
-            raise UserError(f"{key}={value} is not a finite number")
+            raise EveryRankError(f"{key}={value} is not a finite number")
     for keys, ok, must_be in RULES:
         for key in keys:
             if key in settings and not ok(settings[key]):
-                raise UserError(f"{key}={settings[key]!r} is out of range: it must be {must_be}")
+                raise EveryRankError(f"{key}={settings[key]!r} is out of range: it must be {must_be}")
     for keys, ok, message in JOINT_RULES:
         if set(keys) <= set(settings) and not ok(settings):
-            raise UserError(message.format(**settings))
+            raise EveryRankError(message.format(**settings))
 
 
 # -----------------------------------------------------------------------------
@@ -123,7 +130,7 @@ def coerce(key, value, default):
     elif expected is str:
         if isinstance(value, str):
             return value
-    raise UserError(f"config key '{key}' expects {expected.__name__} (default {default!r}), got {value!r}")
+    raise EveryRankError(f"config key '{key}' expects {expected.__name__} (default {default!r}), got {value!r}")
 
 
 def parse_value(text):
@@ -149,9 +156,9 @@ def configure(namespace, argv=None):
             continue
         key, sep, text = arg[2:].partition('=')  # partition: the value itself may contain '='
         if not sep:
-            raise UserError(f"override '{arg}' has no value; write it as --{key}=VALUE")
+            raise EveryRankError(f"override '{arg}' has no value; write it as --{key}=VALUE")
         if key not in known:
-            raise UserError(unknown_key_message(key, known, f"in '{arg}'"))
+            raise EveryRankError(unknown_key_message(key, known, f"in '{arg}'"))
         default = namespace[key]
         value = text if type(default) is str and not text.startswith(("'", '"')) else parse_value(text)
         namespace[key] = coerce(key, value, default)
@@ -182,22 +189,20 @@ def apply_config_file(namespace, known, path, echo=True):
         with open(path, encoding='utf-8') as f:
             source = f.read()
     except OSError as e:
-        raise UserError(f"config file '{path}' could not be read ({e.strerror}); config files are passed as "
+        raise EveryRankError(f"config file '{path}' could not be read ({e.strerror}); config files are passed as "
                         "paths, e.g. python train.py config/train_shakespeare_char.py") from None
     except UnicodeDecodeError:
-        raise UserError(f"config file '{path}' is not UTF-8 text; save it as UTF-8") from None
-    if echo:
-        print(f"Overriding config with {path}:\n{source}", file=sys.stderr)
+        raise EveryRankError(f"config file '{path}' is not UTF-8 text; save it as UTF-8") from None
     file_globals = {k: namespace[k] for k in known}  # a config file may build on the values set so far
     file_globals['__file__'] = path  # and find the config files beside it
     scope = AssignmentRecorder(file_globals)
     try:
         exec(compile(source, path, 'exec'), file_globals, scope)
     except SystemExit:  # not an Exception: it would end the run silently, with its exit code (often 0)
-        raise UserError(f"config file '{path}' called exit (sys.exit, exit or quit); a config file only sets "
+        raise EveryRankError(f"config file '{path}' called exit (sys.exit, exit or quit); a config file only sets "
                         "values, so remove the call") from None
     except Exception as e:
-        raise UserError(f"config file '{path}' failed to run: {type(e).__name__}: {' '.join(str(e).split())}") \
+        raise EveryRankError(f"config file '{path}' failed to run: {type(e).__name__}: {' '.join(str(e).split())}") \
             from None
     changed = set()
     for key in sorted(scope.assigned):
@@ -205,12 +210,14 @@ def apply_config_file(namespace, known, path, echo=True):
         if key.startswith('_') or isinstance(value, types.ModuleType) or callable(value):
             continue
         if key not in known:
-            raise UserError(unknown_key_message(key, known, f"in config file '{path}'"))
+            raise EveryRankError(unknown_key_message(key, known, f"in config file '{path}'"))
         try:
             namespace[key] = coerce(key, value, namespace[key])
         except UserError as e:
-            raise UserError(f"{e} in config file '{path}'") from None
+            raise EveryRankError(f"{e} in config file '{path}'") from None
         changed.add(key)
+        if echo:  # what the file chose, not its code (a config may pick a recipe with Python)
+            print(f"Overriding: {key} = {namespace[key]!r} ({path})", file=sys.stderr)
     return changed
 
 

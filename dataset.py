@@ -4,6 +4,7 @@ the tokenizer that reads it. Reads never execute pickled code; every problem wit
 the file and what to do.
 """
 
+import hashlib
 import json
 import os
 import pickle
@@ -13,6 +14,7 @@ import numpy as np
 from configurator import UserError
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+SMALL_DATASETS = ('shakespeare_char', 'shakespeare')  # train.py prepares these on the spot
 
 
 def first_line(error):
@@ -54,18 +56,49 @@ def read_manifest(data_dir):
     return manifest
 
 
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def input_changed(data_dir, source):
+    """Whether the input file a manifest records (prepare_utils.load_input_text) changed since: in size or
+    sha256, or, for a default input, by the dataset folder now having an input.txt of its own, which its
+    prepare.py reads first. A deleted input is no change: the prepared files are what counts."""
+    path, own = source['path'], os.path.join(data_dir, 'input.txt')
+    if source['default'] and os.path.exists(own) and os.path.realpath(own) != os.path.realpath(path):
+        return True
+    if not os.path.isfile(path):
+        return False
+    # a hash, not size and mtime: these inputs are books that prepare.py reads whole, so one more read is cheap
+    return os.path.getsize(path) != source['bytes'] or file_sha256(path) != source['sha256']
+
+
 def script_to_prepare(data_dir):
-    """None for a dataset whose train.bin and val.bin exist; else the prepare script that makes them, when it is
-    one of the small datasets that train.py prepares on the spot; else a UserError saying what to run."""
+    """None for a dataset whose train.bin and val.bin exist and whose input file (if its manifest records one)
+    is unchanged; else the prepare script that makes them, when it is one of the small datasets that train.py
+    prepares on the spot (from the input that script reads by itself); else a UserError saying what to run."""
     missing = [f'{split}.bin' for split in ('train', 'val') if not os.path.exists(os.path.join(data_dir, f'{split}.bin'))]
-    if not missing:
-        return None
     prepare_script = os.path.join(data_dir, 'prepare.py')
+    if not missing:
+        try:
+            source = (read_manifest(data_dir) or {}).get('source')
+        except UserError:  # train.py reads the manifest again after any preparing, and reports it then
+            return None
+        if source is None or not input_changed(data_dir, source):
+            return None
+        if source['default'] and os.path.exists(prepare_script) and os.path.basename(data_dir) in SMALL_DATASETS:
+            return prepare_script
+        raise UserError(f"the input {source['path']} changed since dataset {data_dir} was prepared from it; "
+                        f"prepare it again: {source['command']}")
     if not os.path.exists(prepare_script):
         raise UserError(f"no {' or '.join(missing)} in {data_dir}; make them with a prepare script, e.g. python "
                         "data/openwebtext/prepare.py --dataset=YOUR_TEXT_FOLDER --out_dir=data/NAME, then "
                         "--dataset=NAME")
-    if os.path.basename(data_dir) not in ('shakespeare_char', 'shakespeare'):
+    if os.path.basename(data_dir) not in SMALL_DATASETS:
         raise UserError(f"no {' or '.join(missing)} in {data_dir}; prepare the dataset first: python {prepare_script}")
     return prepare_script
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from checkpoint import load_model
 from dataset import Tokenizer, check_vocabulary, dataset_dir, first_line, load_meta, load_tokens, read_manifest
-from hardware import autocast_context, best_device, check_device
+from hardware import autocast_context, best_device, best_dtype, check_device, dtype_default
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), a GPT-2 name ('gpt2' ... 'gpt2-xl') or a local Hugging Face directory
@@ -44,7 +44,7 @@ limit = 0  # evaluate only the first N items of each benchmark; 0 is all
 batch_size = 16  # sequences per forward pass
 out = ''  # also write the results to this JSON file
 device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the best one this machine has
-dtype = 'auto'  # 'float32', 'bfloat16' or 'float16'; 'auto': bfloat16 on Ampere+ GPUs, float16 on older, else float32
+dtype = best_dtype(device)  # float32, bfloat16 or float16; auto is the device's best (README: Precision)
 # -----------------------------------------------------------------------------
 TASKS = ('text', 'hellaswag', 'lambada')
 BUILDERS = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}  # datasets' loader of each local file
@@ -340,5 +340,6 @@ def check_writable(path):
 
 
 if __name__ == '__main__':
-    configure(globals())
+    user_keys = configure(globals())
+    dtype = dtype_default(device, dtype, user_keys)
     main()

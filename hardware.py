@@ -42,10 +42,10 @@ def best_device():
     return 'cpu'
 
 
-def best_dtype(device_type):
+def best_dtype(device):
     """bfloat16 on GPUs that compute in it (Ampere and later), float16 (with a gradient scaler) on those that
     would only emulate it (T4, V100); float32 on CPU and MPS, faster there at this repository's sizes."""
-    if device_type == 'cuda':
+    if device.startswith('cuda'):
         return 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
     return 'float32'
 
@@ -72,9 +72,18 @@ def check_device(device, dtype):
                             "be emulated, several times slower); use --dtype=float16")
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on TF32 tensor cores (Ampere and later)
         torch.backends.cudnn.allow_tf32 = True
-    elif device_type == 'mps' and not torch.backends.mps.is_available():
-        raise UserError(f"device '{device}' requested but MPS is only available on Apple silicon Macs; use --device=cpu")
+    elif device_type == 'mps':
+        if not torch.backends.mps.is_available():
+            raise UserError(f"device '{device}' requested but MPS is only available on Apple silicon Macs; use --device=cpu")
+        if dtype == 'bfloat16' and not torch.backends.mps.is_macos_or_newer(14, 0):  # MPS autocast's condition
+            raise UserError("bfloat16 on MPS needs macOS 14 or later; use --dtype=float16 or float32")
     return device_type, dtype
+
+
+def dtype_default(device, dtype, user_keys):
+    """dtype as set, else the best one of the device given: the default (as --help shows it) is the best device's,
+    and --device=cpu on a GPU machine makes it float32."""
+    return dtype if 'dtype' in user_keys else best_dtype(device)
 
 
 def compile_default(device, compile, user_keys):

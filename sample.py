@@ -18,13 +18,13 @@ from tqdm import tqdm
 
 from checkpoint import load_model
 from dataset import Tokenizer
-from hardware import autocast_context, best_device, check_device, compile_failure
+from hardware import autocast_context, best_device, best_dtype, check_device, compile_failure, dtype_default
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), a GPT-2 name ('gpt2' ... 'gpt2-xl') or a local Hugging Face directory
 out_dir = 'out'  # ignored if init_from is not 'resume'
 checkpoint = ''  # file in out_dir to load; '' means best.pt if present, else ckpt.pt
-start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
+start = "\n"  # the prompt, or FILE:prompt.txt to read it from a file (a BPE model also knows "<|endoftext|>")
 num_samples = 10  # number of samples to draw, generated together in one batch
 max_new_tokens = 500  # number of tokens generated in each sample
 temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, 0 = greedy
@@ -32,10 +32,11 @@ top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 
 top_p = 1.0  # nucleus sampling: retain the likeliest tokens that add up to top_p probability; 1.0 disables
 seed = 1337  # decides the samples drawn
 device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the best one this machine has
-dtype = 'auto'  # 'float32', 'bfloat16' or 'float16'; 'auto': bfloat16 on Ampere+ GPUs, float16 on older, else float32
+dtype = best_dtype(device)  # float32, bfloat16 or float16; auto is the device's best (README: Precision)
 compile = False  # torch.compile the model: faster tokens after a slow start
 # -----------------------------------------------------------------------------
-configure(globals())
+user_keys = configure(globals())
+dtype = dtype_default(device, dtype, user_keys)
 device_type, dtype = check_device(device, dtype)
 torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)
@@ -43,8 +44,7 @@ ctx = autocast_context(device_type, dtype)
 
 # model and its vocabulary
 model, meta, loaded = load_model(init_from, out_dir, checkpoint)
-if init_from == 'resume':
-    print(f"loaded {loaded}", file=sys.stderr)
+print(f"loaded {loaded}; sampling on {device} in {dtype}", file=sys.stderr)
 model.to(device)
 tokenizer = Tokenizer(meta)
 encode, decode, stop_token = tokenizer.encode, tokenizer.decode, tokenizer.eot

@@ -20,7 +20,7 @@ dropout masks are drawn from generators seeded with them (and the micro-batch's 
 the uninterrupted one exactly, and a step computes the same however many processes share it.
 """
 
-from configurator import UserError, configure, report_errors, settings_of
+from configurator import EveryRankError, UserError, configure, report_errors, settings_of
 
 report_errors()  # first: a mistake is one 'error:' line, Ctrl-C (even while importing) no traceback
 
@@ -48,8 +48,8 @@ from checkpoint import (apply_saved_settings, check_init_from, check_model_fits_
                         save_checkpoint)
 from dataset import Tokenizer, check_vocabulary, dataset_dir, load_meta, load_splits, read_manifest, script_to_prepare
 from eval import hellaswag_accuracy, hellaswag_item, hellaswag_scores, load_items
-from hardware import (DTYPES, autocast_context, best_device, check_device, compile_default, compile_failure,
-                      held_memory, peak_flops as device_peak_flops, peak_memory)
+from hardware import (DTYPES, autocast_context, best_device, best_dtype, check_device, compile_default,
+                      compile_failure, dtype_default, held_memory, peak_flops as device_peak_flops, peak_memory)
 from metrics import MetricsLog, WandbRun, plot_losses
 
 # -----------------------------------------------------------------------------
@@ -103,14 +103,14 @@ fsdp = False  # under torchrun: shard parameters, gradients and optimizer state 
 activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory, more time
 # system
 device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the best one this machine has
-dtype = 'auto'  # 'float32', 'bfloat16' or 'float16'; 'auto': bfloat16 on Ampere+ GPUs, float16 on older, else float32
+dtype = best_dtype(device)  # float32, bfloat16 or float16; auto is the device's best (README: Precision)
 compile = device.startswith('cuda')  # torch.compile; unless set, on for CUDA only (on CPUs it costs more than it gains)
 seed = 1337  # decides the initial weights, every batch and every dropout mask
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks the GPU up by name, or measures a CPU
 # -----------------------------------------------------------------------------
 config_keys = settings_of(globals())
 user_keys = configure(globals())  # overrides from the command line or config files, checked
-compile = compile_default(device, compile, user_keys)  # of the device given, if one is
+dtype, compile = dtype_default(device, dtype, user_keys), compile_default(device, compile, user_keys)
 check_init_from(init_from, ('scratch', 'resume'))
 checkpoint = None
 if init_from == 'resume':  # it continues with its saved settings, but for those given now
@@ -130,8 +130,8 @@ if ddp:
     ddp_world_size = int(os.environ['WORLD_SIZE'])
     if gradient_accumulation_steps % ddp_world_size != 0:  # checked on every rank before any collective: no hang
         valid = [n for n in range(ddp_world_size, 8 * ddp_world_size + 1, ddp_world_size)]
-        raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
-                        f"number of processes ({ddp_world_size}); e.g. use one of {valid}")
+        raise EveryRankError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by "
+                             f"the number of processes ({ddp_world_size}); e.g. use one of {valid}")
     if device.startswith('cuda'):
         device = f'cuda:{ddp_local_rank}'
 else:
@@ -154,15 +154,14 @@ ctx = autocast_context(device_type, dtype)
 
 # data: train.bin and val.bin are uint16 token ids, read through memmaps so they never need to fit in memory
 data_dir = dataset_dir(dataset)
-prepare_script = script_to_prepare(data_dir)
-if prepare_script:
-    if ddp_local_rank == 0:  # small datasets are prepared on the spot, once per node
-        print(f"dataset '{dataset}' is not prepared yet; running {prepare_script}", flush=True)
-        returncode = subprocess.run([sys.executable, prepare_script]).returncode
-        if returncode != 0:
-            sys.exit(returncode)  # its own error line says why
-    if ddp:
-        dist.barrier()
+prepare_script = script_to_prepare(data_dir)  # (or a UserError: a big dataset is prepared by hand)
+if prepare_script and ddp_local_rank == 0:  # small datasets are prepared on the spot, once per node
+    print(f"dataset '{dataset}' (or its new input) is not prepared yet; running {prepare_script}", flush=True)
+    returncode = subprocess.run([sys.executable, prepare_script]).returncode
+    if returncode != 0:
+        sys.exit(returncode)  # its own error line says why
+if ddp:
+    dist.barrier()  # the node's other processes wait for it
 manifest = read_manifest(data_dir)  # None for a dataset prepared elsewhere (by nanoGPT, say)
 train_data, val_data = load_splits(data_dir, dataset, block_size)
 superseded = []  # an earlier run's checkpoints, which --start_over=True deletes once every check has passed
@@ -448,7 +447,7 @@ while True:
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at or eval_only:
         losses = estimate_loss()
         if not all(math.isfinite(v) for v in losses.values()):
-            raise UserError(nonfinite_loss_error(losses, 'evaluation loss'))
+            raise EveryRankError(nonfinite_loss_error(losses, 'evaluation loss'))
         scores = estimate_hellaswag() if hellaswag else {}
         clip_fraction = clipped_steps.item() / steps_since_eval if steps_since_eval and grad_clip else None
         clipped_steps.zero_()
@@ -480,7 +479,7 @@ while True:
         break
     if iter_num >= max_iters or should_stop():
         if local_iter_num > 0 and not math.isfinite(lossf := mean_loss(loss_sum)):  # all processes agree
-            raise UserError(nonfinite_loss_error(lossf, 'training loss'))
+            raise EveryRankError(nonfinite_loss_error(lossf, 'training loss'))
         if local_iter_num > 0 and saved_at != iter_num:
             save('ckpt.pt')
             saved_at = iter_num
@@ -535,7 +534,7 @@ while True:
     if iter_num % log_interval == 0:
         lossf = mean_loss(loss_sum)
         if not math.isfinite(lossf):
-            raise UserError(nonfinite_loss_error(lossf, 'training loss'))
+            raise EveryRankError(nonfinite_loss_error(lossf, 'training loss'))
         if local_iter_num >= 5:  # let the training loop settle a bit
             mfu = raw_model.estimate_mfu(tokens_per_iter / ddp_world_size, dt, peak)
             running_mfu = mfu if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu

@@ -2,9 +2,9 @@
 # nanoGPT's CPU model (4 layers, 4 heads, 128 wide, context 64, batch 12) and data, trained 325 iterations instead
 # of 2000: Muon for the hidden matrices, rotary positions and QK-norm.
 # benchmarks/time_to_loss.py measures it against nanoGPT's command line (README "Faster recipes").
-# python train.py config/speedrun_shakespeare_char_cpu.py && python sample.py --out_dir=out-shakespeare-char
+# python train.py config/speedrun_shakespeare_char_cpu.py && python sample.py --out_dir=out-speedrun-char-cpu
 
-out_dir = 'out-shakespeare-char'
+out_dir = 'out-speedrun-char-cpu'
 eval_interval = 325  # evaluate at the start and at the end only
 eval_iters = 20
 log_interval = 10

@@ -5,14 +5,18 @@ two preparations. Every user-facing failure is one line on stderr starting with 
 script without a traceback and without leaving temporary files.
 
 Publishing: begin_dataset() marks the folder's manifest.json incomplete before the first file is written;
-finish_dataset() records the files' sizes and the tokenizer's vocabulary size in it once all are written.
-train.py (dataset.read_manifest) refuses an incomplete dataset, or files whose sizes changed since.
+finish_dataset() records the files' sizes and the tokenizer's vocabulary size in it once all are written,
+and the input file they were made from. train.py (dataset.read_manifest) refuses an incomplete dataset, or
+files whose sizes changed since; dataset.script_to_prepare prepares a dataset again, or says how to, when its
+input file changed since.
 """
 import argparse
+import hashlib
 import http.client
 import json
 import os
 import pickle
+import shlex
 import sys
 import tempfile
 import urllib.request
@@ -83,22 +87,36 @@ def read_text(path):
         raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from None
     if not text:
         raise UserError(f"{path} is empty")
-    return text
+    return text, raw
 
 
-def load_input_text(args, script_dir, url=TINY_SHAKESPEARE_URL):
-    """The text named by --input, else tiny Shakespeare: the input.txt of either Shakespeare folder, or
-    downloaded from url into this script's folder when neither has one."""
-    if args.input is not None:
-        return read_text(args.input)
+def default_input(script_dir):
+    """The input.txt a script reads without --input: its own folder's, else the other Shakespeare folder's,
+    else its own folder's once downloaded."""
     data_dir = os.path.dirname(script_dir)
     for name in (os.path.basename(script_dir),) + SHAKESPEARE_DIRS:
         path = os.path.join(data_dir, name, 'input.txt')
         if os.path.exists(path):
-            return read_text(path)
-    path = os.path.join(script_dir, 'input.txt')
-    download(url, path)
-    return read_text(path)
+            return path
+    return os.path.join(script_dir, 'input.txt')
+
+
+def load_input_text(args, script_dir, url=TINY_SHAKESPEARE_URL):
+    """The text named by --input, else tiny Shakespeare (default_input, downloaded from url when no folder has
+    it); and its source, for finish_dataset to record: the file's path, size and sha256, whether this script
+    run with no arguments prepares it again into the same folder, and the command that does."""
+    path = args.input if args.input is not None else default_input(script_dir)
+    if args.input is None and not os.path.exists(path):
+        download(url, path)
+    text, raw = read_text(path)
+    same_path = os.path.realpath(path) == os.path.realpath(default_input(script_dir))
+    same_out_dir = os.path.realpath(args.out_dir) == os.path.realpath(script_dir)
+    path = os.path.abspath(path)  # train.py may run from another folder
+    command = shlex.join(['python', os.path.abspath(sys.argv[0]), f'--input={path}',
+                          f'--out_dir={os.path.abspath(args.out_dir)}', f'--val_fraction={args.val_fraction}'])
+    # the sha256 of the bytes read, not of the file later: an edit while preparing shows as a change
+    return text, {'path': path, 'bytes': len(raw), 'sha256': hashlib.sha256(raw).hexdigest(),
+                  'default': same_path and same_out_dir, 'command': command}
 
 
 def split_text(text, val_fraction):
@@ -160,7 +178,11 @@ def begin_dataset(out_dir, files):
             os.remove(os.path.join(out_dir, name))
 
 
-def finish_dataset(out_dir, files, vocab_size):
-    """After all files are written: record their sizes and the tokenizer's vocabulary size."""
+def finish_dataset(out_dir, files, vocab_size, source=None):
+    """After all files are written: record their sizes, the tokenizer's vocabulary size and the input file they
+    were made from (load_input_text's source; None for a corpus)."""
     sizes = {name: os.path.getsize(os.path.join(out_dir, name)) for name in files}
-    write_manifest(out_dir, {'complete': True, 'vocab_size': vocab_size, 'files': sizes})
+    manifest = {'complete': True, 'vocab_size': vocab_size, 'files': sizes}
+    if source is not None:
+        manifest['source'] = source
+    write_manifest(out_dir, manifest)

@@ -200,7 +200,12 @@ def test_resume_ddp_run_with_different_process_count_continues_loss_curve(first,
     assert saved_iter(out_dir) == 16
 
 
-def test_indivisible_gradient_accumulation_fails_clearly_on_every_rank(dataset, tmp_path):
+def ranks_that_exited_with_1(stderr):
+    """The ranks torchrun's failure summary lists with exit code 1."""
+    return set(re.findall(r'rank\s*: (\d+) \(local_rank: \d+\)\s*exitcode\s*: 1 ', stderr))
+
+
+def test_indivisible_gradient_accumulation_stops_every_rank_with_one_line(dataset, tmp_path):
     out_dir = tmp_path / 'out'
     # torchrun stops the other workers at its first check after a failure; checking every 15 s instead of
     # every 0.1 s gives each rank time to fail by itself (on a loaded machine one may start seconds later)
@@ -209,7 +214,8 @@ def test_indivisible_gradient_accumulation_fails_clearly_on_every_rank(dataset, 
 
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
-    assert len(errors) == 2, f"expected the error from both ranks:\n{proc.stderr}"
+    assert len(errors) == 1, f"expected the error once, from rank 0, for both ranks:\n{proc.stderr}"
+    assert ranks_that_exited_with_1(proc.stderr) == {'0', '1'}, proc.stderr
     for line in errors:
         assert 'gradient_accumulation_steps=3' in line, line
         assert re.search(r'\b2\b', line), f"the number of processes is not named: {line}"
@@ -232,6 +238,9 @@ def test_a_stop_signal_stops_all_ranks_at_the_same_step(dataset, tmp_path, mode,
         for line in proc.stdout:  # wait until training is under way
             if line.startswith('iter 3:'):
                 break
+        else:
+            result = finish(proc)
+            pytest.fail(f"the launch ended before iter 3 (exit {result.returncode}):\n{result.stderr[-3000:]}")
         workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(workers) == 2, workers
         if stop == 'Ctrl-C in the terminal':
@@ -292,7 +301,8 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_without_saving(dataset, 
     assert proc.returncode != 0
     # (once the process group is up, torch prefixes each line of a worker's last words with its rank)
     errors = re.findall(r'^(?:\[rank\d\]: )?(error: .*)$', proc.stderr, re.M)
-    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]
+    assert len(errors) == 1, proc.stderr[-3000:]  # every rank stops on it; rank 0 says it
+    assert ranks_that_exited_with_1(proc.stderr) == {'0', '1'}, proc.stderr[-3000:]
     assert 'training loss is nan at iter 3;' in errors[0]
     assert 'train.py", line' not in proc.stderr, proc.stderr[-3000:]
     assert not (out_dir / 'ckpt.pt').exists(), "a checkpoint was written from the poisoned weights"

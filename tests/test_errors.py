@@ -183,10 +183,18 @@ def test_compile_defaults_to_the_device_chosen_on_the_command_line(tmp_path, dat
     env = fake_gpu_env()
     # on a GPU machine the best device, and so the old default compile, are cuda's
     assert re.search(r'^  --device=cuda ', run_script('train.py', '--help', env=env).stdout, re.M)
-    settings = {k: v for k, v in TINY.items() if k != 'compile'}
+    settings = {k: v for k, v in TINY.items() if k not in ('compile', 'dtype')}
     proc = run_script('train.py', *args_of(dict(settings, dataset=dataset, out_dir=tmp_path / 'out', max_iters=1,
                                                  peak_flops=1e12)), env=env)
     assert re.search(r'^run: device cpu x 1 process\(es\), dtype float32, compile off,', proc.stdout, re.M)
+
+
+@pytest.mark.parametrize('gpu, dtype, compile', [(None, 'float32', False),
+                                                 (('NVIDIA A100-SXM4-80GB', (8, 0)), 'bfloat16', True),
+                                                 (('Tesla T4', (7, 5)), 'float16', True)], ids=['cpu', 'A100', 'T4'])
+def test_help_shows_dtype_and_compile_as_they_resolve_on_this_machine(fake_gpu_env, gpu, dtype, compile):
+    text = run_script('train.py', '--help', env=fake_gpu_env(*gpu) if gpu else None).stdout
+    assert re.search(rf'^  --dtype={dtype} ', text, re.M) and re.search(rf'^  --compile={compile} ', text, re.M), text
 
 
 # ----------------------------------------------------------------------------- never losing a run

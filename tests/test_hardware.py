@@ -54,9 +54,18 @@ def test_a_gpu_index_beyond_the_machine_is_one_line_with_the_count(fake_gpu):
 @pytest.mark.parametrize('device', ['cpu', 'mps'])
 def test_cpu_and_mps_run_float32_by_default_and_the_dtype_asked_for_otherwise(monkeypatch, device):
     monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: True)  # an Apple silicon Mac, for mps
+    monkeypatch.setattr(torch.backends.mps, 'is_macos_or_newer', lambda major, minor: True)
     assert hardware.check_device(device, 'auto') == (device, 'float32')
     for dtype in ('bfloat16', 'float16', 'float32'):
         assert hardware.check_device(device, dtype) == (device, dtype)
+
+
+def test_bfloat16_on_mps_before_macos_14_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.backends.mps, 'is_macos_or_newer', lambda major, minor: (major, minor) <= (13, 0))
+    with pytest.raises(UserError, match='macOS 14'):
+        hardware.check_device('mps', 'bfloat16')
+    assert hardware.check_device('mps', 'float16') == ('mps', 'float16')
 
 
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])

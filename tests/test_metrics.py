@@ -307,11 +307,21 @@ def test_run_summary_says_device_dtype_compile_params_tokens_and_out_dir(resumed
 # -----------------------------------------------------------------------------
 # the Colab notebook
 
+NOTEBOOK = os.path.join(REPO_ROOT, 'notebooks', 'colab.ipynb')
+
 NOTEBOOK_RUNNER = """
 import json, sys
 from IPython.core.interactiveshell import InteractiveShell
 notebook, config, out_dir = sys.argv[1:]
 shell = InteractiveShell.instance()
+
+def pip(line):  # records the install instead of running it: all is installed here, and there is no network
+    args = line.split()
+    with open(args[args.index('-r') + 1]) as f:
+        requirements = [r.strip() for r in f if r.strip() and not r.lstrip().startswith('#')]
+    print('pip ' + json.dumps({'line': line, 'requirements': requirements}), flush=True)
+shell.register_magic_function(pip, 'line', 'pip')
+
 for cell in json.load(open(notebook))['cells']:
     source = ''.join(cell['source'])
     if cell['cell_type'] != 'code' or 'drive.mount(' in source:
@@ -321,9 +331,38 @@ for cell in json.load(open(notebook))['cells']:
     if not result.success or shell.user_ns['_exit_code'] != 0:
         sys.exit(f"cell failed: {source}")
     print(f"ran cell: {source.splitlines()[0]}", flush=True)
-    if 'CONFIG =' in source:  # the tiny settings of the tests instead of the quick start's, in a temp dir
+    if 'CONFIG =' in source:  # the tiny settings of the tests instead of the notebook's, in a temp dir
+        print(f"notebook chose {shell.user_ns['CONFIG']}", flush=True)
         shell.user_ns.update(CONFIG=config, OUT_DIR=out_dir)
 """
+
+# one cell on its own, with REPO set as the cells before it set it
+CELL_RUNNER = """
+import sys
+from IPython.core.interactiveshell import InteractiveShell
+shell = InteractiveShell.instance()
+shell.user_ns['REPO'] = sys.argv[1]
+result = shell.run_cell(sys.stdin.read())
+sys.exit(0 if result.success else f"cell failed: {result.error_in_exec}")
+"""
+
+
+def notebook_cell(containing):
+    """The source of the notebook's one code cell that contains the string `containing`."""
+    with open(NOTEBOOK) as f:
+        cells = [''.join(cell['source']) for cell in json.load(f)['cells'] if cell['cell_type'] == 'code']
+    (source,) = [source for source in cells if containing in source]
+    return source
+
+
+def run_cell(source, cwd, env=None):
+    return subprocess.run([sys.executable, '-c', CELL_RUNNER, REPO_ROOT], input=source, cwd=cwd,
+                          env=env or script_env(), capture_output=True, text=True, timeout=120)
+
+
+def requirement_lines(path):
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith('#')]
 
 
 @pytest.mark.slow
@@ -333,13 +372,60 @@ def test_colab_notebook_runs_top_to_bottom_with_the_repository_present(tmp_path,
     config = tmp_path / 'tiny_config.py'
     config.write_text(''.join(f"{k} = {v!r}\n" for k, v in dict(TINY, dataset=dataset, max_iters=6, eval_interval=3).items()))
     out_dir = tmp_path / 'drive' / 'out-shakespeare-char'
-    proc = subprocess.run([sys.executable, '-c', NOTEBOOK_RUNNER, os.path.join(REPO_ROOT, 'notebooks', 'colab.ipynb'),
-                           str(config), str(out_dir)], cwd=REPO_ROOT, env=script_env(), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, '-c', NOTEBOOK_RUNNER, NOTEBOOK, str(config), str(out_dir)], cwd=REPO_ROOT,
+                          env=script_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ran = re.findall(r'^ran cell: (.*)$', proc.stdout, re.M)
-    assert len(ran) == 6 and ran[2].startswith('!python train.py') and ran[3].endswith('--init_from=resume')
+    assert len(ran) == 7 and ran[3].startswith('!python train.py') and ran[4].endswith('--init_from=resume')
+    # the install: the running requirements only, and the torch that is already there is left alone
+    (pip,) = [json.loads(line[len('pip '):]) for line in proc.stdout.splitlines() if line.startswith('pip {')]
+    running = requirement_lines(os.path.join(REPO_ROOT, 'requirements.txt'))
+    without_torch = [r for r in running if not re.match(r'torch(?![\w.-])', r)]
+    assert len(without_torch) == len(running) - 1  # requirements.txt names torch, once
+    assert pip['requirements'] == without_torch and 'requirements-dev' not in pip['line']
+    assert 'kept the installed torch ' in proc.stdout
+    (chosen,) = re.findall(r'^notebook chose (.*)$', proc.stdout, re.M)
+    assert os.path.isfile(os.path.join(REPO_ROOT, chosen))
     assert sorted(iter_losses(proc.stdout)) == list(range(6))  # trained, and the resume found nothing left to do
     assert '---------------' in proc.stdout  # sampled
     assert '<IPython.core.display.Image object>' in proc.stdout  # the loss curves were read and shown
     assert {'ckpt.pt', 'best.pt', 'log.jsonl', 'loss.png'} <= set(os.listdir(out_dir))
+
+
+def test_colab_notebook_clones_repo_url_when_it_finds_no_copy(tmp_path):
+    pytest.importorskip('IPython')
+    # a one-commit repository to clone: its file:// URL clones offline, as the user's https URL would online
+    origin = tmp_path / 'origin'
+    origin.mkdir()
+    (origin / 'train.py').write_text('')
+    git = ['git', '-c', 'user.name=test', '-c', 'user.email=test@example.com', '-C', str(origin)]
+    for args in (['init', '-q'], ['add', 'train.py'], ['commit', '-q', '-m', 'the code']):
+        subprocess.run(git + args, check=True, capture_output=True)
+    content = tmp_path / 'content'  # the working directory, as /content on Colab: no code in it or above it
+    content.mkdir()
+    clone_dir = content / 'nanogpt'
+    source = notebook_cell("REPO_URL = ''").replace("CLONE_DIR = '/content/nanogpt'", f"CLONE_DIR = {str(clone_dir)!r}")
+    assert str(clone_dir) in source
+    unset = run_cell(source, content)  # REPO_URL as shipped: empty
+    assert unset.returncode != 0 and 'set REPO_URL at the top of this cell' in unset.stdout + unset.stderr
+    assert not clone_dir.exists()
+    source = source.replace("REPO_URL = ''", f"REPO_URL = {origin.as_uri()!r}")
+    for _ in range(2):  # cloned, then found as the earlier clone
+        proc = run_cell(source, content)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert f"code in {clone_dir}, checkpoints in {clone_dir / 'out-shakespeare-char'}" in proc.stdout
+        assert (clone_dir / 'train.py').is_file()
+
+
+def test_colab_notebook_names_the_gpu_and_its_dtype_before_training(fake_gpu_env):
+    pytest.importorskip('IPython')
+    source = notebook_cell('hardware.best_device()')
+    on_t4 = run_cell(source, REPO_ROOT, env=fake_gpu_env('Tesla T4', (7, 5)))
+    assert on_t4.returncode == 0, on_t4.stdout[-3000:] + on_t4.stderr[-3000:]
+    assert 'GPU: Tesla T4, training in float16 with config/speedrun_shakespeare_char.py' in on_t4.stdout
+    on_cpu = run_cell(source, REPO_ROOT, env=script_env(CUDA_VISIBLE_DEVICES=''))
+    assert on_cpu.returncode == 0, on_cpu.stdout[-3000:] + on_cpu.stderr[-3000:]
+    assert 'no GPU visible: on Colab this is a CPU runtime (Runtime → Change runtime type → T4 GPU' in on_cpu.stdout
+    assert 'training will use the CPU recipe config/speedrun_shakespeare_char_cpu.py' in on_cpu.stdout
+    for config in ('config/speedrun_shakespeare_char.py', 'config/speedrun_shakespeare_char_cpu.py'):
+        assert os.path.isfile(os.path.join(REPO_ROOT, config))

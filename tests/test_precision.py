@@ -184,7 +184,7 @@ def test_sample_eval_and_bench_run_in_bfloat16(runs, tmp_path):
     for dtype in ('float32', 'bfloat16'):
         sample = run_script('sample.py', f'--out_dir={out_dir}', '--device=cpu', f'--dtype={dtype}',
                             '--num_samples=2', '--max_new_tokens=12', '--temperature=0')
-        assert sample.stdout.count('---------------') == 2
+        assert sample.stdout.count('---------------') == 2 and f'sampling on cpu in {dtype}' in sample.stderr
     text = tmp_path / 'text.txt'
     text.write_text('the king and the queen speak of love and death\n' * 20)
     scores = {}

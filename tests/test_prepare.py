@@ -3,17 +3,21 @@ Tests for the data/*/prepare.py scripts. Each test copies a script (and data/pre
 dir and runs it there as a real subprocess, then checks the outputs against an independent oracle:
 the input text itself, tiktoken run in the test, and the datasets library's own train/val split.
 """
+import hashlib
 import json
 import os
 import pathlib
 import pickle
 import random
+import re
+import shlex
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+import scripts
 from scripts import REPO_ROOT, install_prepare_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,9 +76,9 @@ def make_text(n_words=900, seed=0):
 # -----------------------------------------------------------------------------
 # shakespeare_char
 
-def check_char_outputs(script_dir, text, val_fraction=0.1):
+def check_char_outputs(script_dir, text, val_fraction=0.1, input_path=None):
     """The bins decode to the text's first and last characters and the vocabulary is the text's sorted
-    characters; the manifest records every file's size and the vocabulary size."""
+    characters; the manifest records every file's size, the vocabulary size and the input file."""
     meta = load_meta(script_dir / 'meta.pkl')
     chars = sorted(set(text))
     assert set(meta) == {'vocab_size', 'itos', 'stoi'}
@@ -85,14 +89,21 @@ def check_char_outputs(script_dir, text, val_fraction=0.1):
     n_train = int(len(text) * (1 - val_fraction))
     assert ''.join(meta['itos'][i] for i in train.tolist()) == text[:n_train]
     assert ''.join(meta['itos'][i] for i in val.tolist()) == text[n_train:]
-    assert_manifest(script_dir, ['meta.pkl', 'train.bin', 'val.bin'], len(chars))
+    assert_manifest(script_dir, ['meta.pkl', 'train.bin', 'val.bin'], len(chars), input_path)
     return meta, train, val
 
 
-def assert_manifest(out_dir, files, vocab_size):
+def assert_manifest(out_dir, files, vocab_size, input_path=None):
     manifest = json.loads((out_dir / 'manifest.json').read_text())
+    source = manifest.pop('source', None)
     assert manifest == {'complete': True, 'vocab_size': vocab_size,
                         'files': {name: os.path.getsize(out_dir / name) for name in files}}
+    if input_path is None:  # a corpus: nothing recorded
+        assert source is None
+    else:
+        raw = pathlib.Path(input_path).read_bytes()
+        assert (source['path'], source['bytes'], source['sha256']) == \
+            (os.path.abspath(input_path), len(raw), hashlib.sha256(raw).hexdigest())
 
 
 def test_char_prepare_small_text(tmp_path):
@@ -102,7 +113,7 @@ def test_char_prepare_small_text(tmp_path):
     input_path.write_text(text, encoding='utf-8')
     result = run(script, f'--input={input_path}')
     assert result.returncode == 0, result.stderr
-    meta, train, val = check_char_outputs(script.parent, text)
+    meta, train, val = check_char_outputs(script.parent, text, input_path=input_path)
     assert f"length of dataset in characters: {len(text):,}" in result.stdout
     assert f"vocab size: {meta['vocab_size']}" in result.stdout
     assert f"train has {len(train):,} tokens" in result.stdout
@@ -119,7 +130,7 @@ def test_char_prepare_of_your_own_book_into_its_own_dataset_with_its_own_split(t
     result = run(pathlib.Path(REPO, 'data', 'shakespeare_char', 'prepare.py'), f'--input={tmp_path / "book.txt"}',
                  f'--out_dir={out_dir}', '--val_fraction=0.25')
     assert result.returncode == 0, result.stderr
-    check_char_outputs(out_dir, text, val_fraction=0.25)
+    check_char_outputs(out_dir, text, val_fraction=0.25, input_path=tmp_path / 'book.txt')
     assert sorted(os.listdir(out_dir)) == ['manifest.json', 'meta.pkl', 'train.bin', 'val.bin']
 
 
@@ -137,7 +148,7 @@ def test_char_prepare_vocab_limit(tmp_path):
     input_path.write_text(text, encoding='utf-8')
     result = run(script, f'--input={input_path}')
     assert result.returncode == 0, result.stderr
-    check_char_outputs(script.parent, text)
+    check_char_outputs(script.parent, text, input_path=input_path)
 
     for name in ('train.bin', 'val.bin', 'meta.pkl'):
         os.remove(script.parent / name)
@@ -154,7 +165,7 @@ def test_char_prepare_tiny_shakespeare(tmp_path, shakespeare_path):
     assert result.returncode == 0, result.stderr
     with open(shakespeare_path, encoding='utf-8') as f:
         text = f.read()
-    meta, train, val = check_char_outputs(script.parent, text)
+    meta, train, val = check_char_outputs(script.parent, text, input_path=shakespeare_path)
     assert len(train) == int(len(text) * 0.9) and len(val) == len(text) - len(train)
     # the figures quoted in data/shakespeare_char/readme.md
     assert (meta['vocab_size'], len(train), len(val)) == (65, 1_003_854, 111_540)
@@ -166,28 +177,34 @@ def test_char_prepare_tiny_shakespeare(tmp_path, shakespeare_path):
 # -----------------------------------------------------------------------------
 # shakespeare (gpt2 bpe)
 
+def check_bpe_outputs(out_dir, text, input_path):
+    """The bins are tiktoken's gpt2 encoding of the text's first 90% and last 10%, decoding back to them; the
+    manifest records every file's size, the vocabulary size and the input file."""
+    import tiktoken
+    n_train = int(len(text) * 0.9)
+    enc = tiktoken.get_encoding('gpt2')
+    train, val = tokens(out_dir / 'train.bin'), tokens(out_dir / 'val.bin')
+    assert train.tolist() == enc.encode_ordinary(text[:n_train])
+    assert val.tolist() == enc.encode_ordinary(text[n_train:])
+    assert enc.decode(train.tolist()) == text[:n_train]
+    assert enc.decode(val.tolist()) == text[n_train:]
+    assert_manifest(out_dir, ['train.bin', 'val.bin'], 50257, input_path)
+    return train, val
+
+
 @pytest.mark.slow
 def test_bpe_prepare_tiny_shakespeare(tmp_path, shakespeare_path, tiktoken_cache):
-    import tiktoken
     script = install(tmp_path, 'shakespeare')
     result = run(script, f'--input={shakespeare_path}')
     assert result.returncode == 0, result.stderr
     with open(shakespeare_path, encoding='utf-8') as f:
         text = f.read()
-    n_train = int(len(text) * 0.9)
-    enc = tiktoken.get_encoding('gpt2')
-    expected_train, expected_val = enc.encode_ordinary(text[:n_train]), enc.encode_ordinary(text[n_train:])
-    train, val = tokens(script.parent / 'train.bin'), tokens(script.parent / 'val.bin')
-    assert train.tolist() == expected_train
-    assert val.tolist() == expected_val
-    assert enc.decode(train.tolist()) == text[:n_train]
-    assert enc.decode(val.tolist()) == text[n_train:]
+    train, val = check_bpe_outputs(script.parent, text, shakespeare_path)
     # the figures quoted in data/shakespeare/readme.md
     assert (len(train), len(val)) == (301_966, 36_059)
     assert "train has 301,966 tokens\n" in result.stdout
     assert "val has 36,059 tokens\n" in result.stdout
     assert sorted(os.listdir(script.parent)) == ['manifest.json', 'prepare.py', 'train.bin', 'val.bin']
-    assert_manifest(script.parent, ['train.bin', 'val.bin'], 50257)
 
 
 def test_both_shakespeare_datasets_read_the_same_downloaded_text(tmp_path, tiktoken_cache):
@@ -255,6 +272,111 @@ def test_download_offline(tmp_path, name):
     assert str(script.parent / 'input.txt') in line
     # neither input.txt nor a partial download is left behind
     assert os.listdir(script.parent) == ['prepare.py']
+
+
+# -----------------------------------------------------------------------------
+# the manifest records the input file, and train.py prepares a dataset again when its input.txt changed
+
+QUICK = dict(max_iters=0, eval_only=True, eval_iters=1)  # train.py up to its first eval, which reads the data
+
+
+def prepared_from_input_txt(tmp_path, name, text, folder=None):
+    """data/<name> under tmp_path, laid out as in the repository and prepared by its prepare.py with no
+    arguments from the input.txt in data/<folder> (its own by default) holding text; returns data/<name>."""
+    script = install(tmp_path, name)
+    input_path = tmp_path / 'data' / (folder or name) / 'input.txt'
+    input_path.parent.mkdir(exist_ok=True)
+    input_path.write_text(text, encoding='utf-8')
+    result = run(script, env=offline_env())  # offline: it must read input.txt, never download
+    assert result.returncode == 0, result.stderr
+    return script.parent
+
+
+@pytest.mark.parametrize('name', ['shakespeare_char', 'shakespeare'])
+def test_train_prepares_a_dataset_again_when_its_input_txt_changed(tmp_path, request, name):
+    from dataset import script_to_prepare
+    if name == 'shakespeare':
+        request.getfixturevalue('tiktoken_cache')
+    text = make_text(seed=6)
+    data_dir = prepared_from_input_txt(tmp_path, name, text)
+    input_path = data_dir / 'input.txt'
+    assert script_to_prepare(str(data_dir)) is None  # unchanged (train.py on it: the next test)
+
+    # the same number of bytes (upper case of these letters is as long in UTF-8): only the sha256 tells
+    new_text = text.upper()
+    input_path.write_text(new_text, encoding='utf-8')
+    assert len(new_text.encode()) == len(text.encode()) and new_text != text
+    changed = scripts.train(str(data_dir), str(tmp_path / 'out'), **QUICK)
+    assert f"(or its new input) is not prepared yet; running {data_dir / 'prepare.py'}" in changed.stdout
+    assert 'step 0: train loss' in changed.stdout  # and went on with it
+    if name == 'shakespeare_char':
+        check_char_outputs(data_dir, new_text, input_path=input_path)
+    else:
+        check_bpe_outputs(data_dir, new_text, input_path)
+
+
+def test_unchanged_deleted_or_unrecorded_inputs_are_not_prepared_again(tmp_path):
+    from dataset import script_to_prepare
+    data_dir = prepared_from_input_txt(tmp_path, 'shakespeare_char', make_text(seed=7))
+    input_path = data_dir / 'input.txt'
+    train_bin = (data_dir / 'train.bin').read_bytes()
+    unchanged = scripts.train(str(data_dir), str(tmp_path / 'out'), **QUICK)
+    assert 'running' not in unchanged.stdout and 'step 0: train loss' in unchanged.stdout
+    assert (data_dir / 'train.bin').read_bytes() == train_bin
+    os.utime(input_path, (0, 0))  # touched, the same bytes
+    assert script_to_prepare(str(data_dir)) is None
+    input_path.write_text(make_text(seed=8), encoding='utf-8')
+    assert script_to_prepare(str(data_dir)) == str(data_dir / 'prepare.py')
+    manifest = json.loads((data_dir / 'manifest.json').read_text())
+    del manifest['source']  # as prepared before manifests recorded one
+    (data_dir / 'manifest.json').write_text(json.dumps(manifest))
+    assert script_to_prepare(str(data_dir)) is None
+    prepared_from_input_txt(tmp_path, 'shakespeare_char', make_text(seed=7))
+    os.remove(input_path)  # the prepared files are what counts
+    assert script_to_prepare(str(data_dir)) is None
+
+
+def test_a_new_input_txt_in_the_datasets_own_folder_is_a_changed_input(tmp_path):
+    # prepared from data/shakespeare/input.txt, which it reads when its own folder has none; then its own appears
+    from dataset import script_to_prepare
+    data_dir = prepared_from_input_txt(tmp_path, 'shakespeare_char', make_text(seed=9), folder='shakespeare')
+    assert script_to_prepare(str(data_dir)) is None
+    (data_dir / 'input.txt').write_text(make_text(seed=10), encoding='utf-8')
+    assert script_to_prepare(str(data_dir)) == str(data_dir / 'prepare.py')
+
+
+def test_a_changed_input_named_by_flags_is_not_prepared_from_another_file(tmp_path):
+    # prepared into the shakespeare_char folder, which train.py prepares by itself, but from --input
+    from configurator import UserError
+    from dataset import script_to_prepare
+    script = install(tmp_path, 'shakespeare_char')
+    book = tmp_path / 'book.txt'
+    book.write_text(make_text(seed=11), encoding='utf-8')
+    assert run(script, f'--input={book}').returncode == 0
+    book.write_text(make_text(seed=12), encoding='utf-8')
+    expected = f"the input {re.escape(str(book))} changed since .*: python {re.escape(str(script))} --input="
+    with pytest.raises(UserError, match=expected):
+        script_to_prepare(str(script.parent))
+
+
+def test_a_changed_input_of_your_own_dataset_is_one_error_line_with_the_command_that_prepares_it(tmp_path):
+    book = tmp_path / 'my book.txt'
+    book.write_text(make_text(seed=13), encoding='utf-8')
+    out_dir = tmp_path / 'data' / 'mybook'
+    script = pathlib.Path(REPO, 'data', 'shakespeare_char', 'prepare.py')
+    assert run(script, f'--input={book}', f'--out_dir={out_dir}', '--val_fraction=0.25').returncode == 0
+    train_bin = (out_dir / 'train.bin').read_bytes()
+    new_text = make_text(seed=14)
+    book.write_text(new_text, encoding='utf-8')
+    proc = scripts.train(str(out_dir), str(tmp_path / 'out'), check=False, **QUICK)
+    line = scripts.assert_one_line_error(proc)
+    assert f"the input {book} changed since dataset {out_dir} was prepared from it" in line
+    assert (out_dir / 'train.bin').read_bytes() == train_bin  # not prepared again by train.py
+    # oracle for the command: run as the error gives it, it prepares the new text with the same flags
+    command = shlex.split(line.split('prepare it again: ')[1])
+    assert command == ['python', str(script), f'--input={book}', f'--out_dir={out_dir}', '--val_fraction=0.25']
+    assert subprocess.run([sys.executable, *command[1:]], capture_output=True).returncode == 0
+    check_char_outputs(out_dir, new_text, val_fraction=0.25, input_path=book)
 
 
 # -----------------------------------------------------------------------------

@@ -124,6 +124,7 @@ for split, dset in splits.items():
         if os.path.exists(tmp_filename):
             os.remove(tmp_filename)
     print(f"{split} has {arr_len:,} tokens ({len(dset):,} documents)")
+# no source: a hub name has no file to check, and walking a corpus of many files slows every train start
 finish_dataset(args.out_dir, files, enc.n_vocab)
 
 # openwebtext:

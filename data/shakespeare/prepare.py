@@ -13,7 +13,7 @@ from prepare_utils import (begin_dataset, finish_dataset, gpt2_encoding, load_in
 
 report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
 args = text_arguments(script_dir, "prepare a text file with the GPT-2 BPE tokenizer")
-data = load_input_text(args, script_dir)
+data, source = load_input_text(args, script_dir)
 train_data, val_data = split_text(data, args.val_fraction)
 
 # encode with tiktoken gpt2 bpe; special tokens in the text are treated as plain text
@@ -27,7 +27,7 @@ files = ('train.bin', 'val.bin')
 begin_dataset(args.out_dir, files)
 write_tokens(os.path.join(args.out_dir, 'train.bin'), train_ids)
 write_tokens(os.path.join(args.out_dir, 'val.bin'), val_ids)
-finish_dataset(args.out_dir, files, enc.n_vocab)
+finish_dataset(args.out_dir, files, enc.n_vocab, source)
 
 # tiny shakespeare:
 # train has 301,966 tokens

@@ -17,7 +17,7 @@ from prepare_utils import (UserError, begin_dataset, finish_dataset, load_input_
 
 report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
 args = text_arguments(script_dir, "prepare a text file for character-level language modeling")
-data = load_input_text(args, script_dir)
+data, source = load_input_text(args, script_dir)
 print(f"length of dataset in characters: {len(data):,}")
 
 # the vocabulary is every character that occurs in the text
@@ -53,7 +53,7 @@ begin_dataset(args.out_dir, files)
 write_tokens(os.path.join(args.out_dir, 'train.bin'), train_ids)
 write_tokens(os.path.join(args.out_dir, 'val.bin'), val_ids)
 write_pickle(os.path.join(args.out_dir, 'meta.pkl'), meta)
-finish_dataset(args.out_dir, files, vocab_size)
+finish_dataset(args.out_dir, files, vocab_size, source)
 
 # tiny shakespeare:
 # length of dataset in characters: 1,115,394
