@@ -6,7 +6,8 @@ Evaluate a model, loaded as sample.py loads it (a checkpoint in out_dir, or GPT-
 - lambada: zero-shot accuracy and per-word perplexity on LAMBADA (OpenAI's test split, 5,153 items)
 $ python eval.py --out_dir=out-shakespeare-char --dataset=shakespeare_char
 $ python eval.py --init_from=gpt2 --tasks=hellaswag,lambada --out=results.json
-Benchmarks are read with datasets.load_dataset: a hub name, or a local .json/.jsonl/.parquet file.
+Benchmarks are read with datasets.load_dataset: a hub NAME or NAME@REVISION (the defaults, and their revisions:
+data/prepare_utils.py's HUB_SOURCES), or a local .json/.jsonl/.parquet file.
 """
 
 from configurator import UserError, configure, report_errors
@@ -26,6 +27,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from checkpoint import load_model
+from data.prepare_utils import BUILDERS, HUB_SOURCES, load_hub
 from dataset import Tokenizer, check_vocabulary, dataset_dir, first_line, load_meta, load_tokens, read_manifest
 from hardware import autocast_context, best_device, best_dtype, check_device, dtype_default
 
@@ -38,8 +40,8 @@ text = ''  # task text: a UTF-8 file, encoded with the model's own vocabulary
 dataset = ''  # task text, instead of --text: a prepared dataset (as in train.py), its split scored whole
 split = 'val'  # which split of --dataset: 'val' or 'train'
 stride = 0  # task text: tokens between window starts, at most block_size (the default, 0); less gives overlap
-hellaswag = 'Rowan/hellaswag'  # a hub name, or a local .json/.jsonl/.parquet file with ctx, endings, label
-lambada = 'EleutherAI/lambada_openai'  # a hub name, or a local .json/.jsonl/.parquet file with a text field
+hellaswag = HUB_SOURCES['hellaswag'][0]  # hub NAME[@REVISION], or a .json/.jsonl/.parquet file: ctx, endings, label
+lambada = HUB_SOURCES['lambada'][0]  # hub NAME[@REVISION], or a local .json/.jsonl/.parquet file with a text field
 limit = 0  # evaluate only the first N items of each benchmark; 0 is all
 batch_size = 16  # sequences per forward pass
 out = ''  # also write the results to this JSON file
@@ -47,7 +49,6 @@ device = best_device()  # 'cpu', 'cuda', 'cuda:0', 'mps'; the default is the bes
 dtype = best_dtype(device)  # float32, bfloat16 or float16; auto is the device's best (README: Precision)
 # -----------------------------------------------------------------------------
 TASKS = ('text', 'hellaswag', 'lambada')
-BUILDERS = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}  # datasets' loader of each local file
 
 
 @torch.no_grad()
@@ -193,8 +194,8 @@ def shown(value):
 
 
 def load_items(source, split, fields, setting, limit=0):
-    """The rows of a benchmark, through datasets.load_dataset: a hub name (its split), or a local file. Each row
-    is checked (ITEM_PROBLEMS), so that a bad one is named before anything is scored."""
+    """The rows of a benchmark, through datasets.load_dataset: a hub NAME[@REVISION] (its split; load_hub), or a
+    local file. Each row is checked (ITEM_PROBLEMS), so that a bad one is named before anything is scored."""
     import datasets
     extension = os.path.splitext(source)[1].lower()
     if os.path.exists(source) or extension in BUILDERS:  # a local file: what goes wrong is about the file
@@ -213,7 +214,9 @@ def load_items(source, split, fields, setting, limit=0):
                             f"({first_line(e.__cause__ or e)})") from None
     else:
         try:
-            rows = datasets.load_dataset(source, split=split)
+            rows = load_hub(source, setting, split=split)
+        except UserError:
+            raise
         except Exception as e:
             raise UserError(f"could not load {setting} dataset {source!r} ({first_line(e)}); without network, "
                             f"download it elsewhere and pass a local .json/.jsonl/.parquet copy with "

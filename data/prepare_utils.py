@@ -1,8 +1,9 @@
 """
 Helpers shared by the data/*/prepare.py scripts: their common arguments, getting the input text (download
-or --input), loading the GPT-2 BPE, and publishing a dataset's files so that train.py never reads a mix of
-two preparations. Every user-facing failure is one line on stderr starting with 'error:'; Ctrl-C stops a
-script without a traceback and without leaving temporary files.
+or --input), the hub source of each hub dataset (HUB_SOURCES, read with load_hub), loading the GPT-2 BPE, and
+publishing a dataset's files so that train.py never reads a mix of two preparations. Every user-facing failure
+is one line on stderr starting with 'error:'; Ctrl-C stops a script without a traceback and without leaving
+temporary files.
 
 Publishing: begin_dataset() marks the folder's manifest.json incomplete before the first file is written;
 finish_dataset() records the files' sizes and the tokenizer's vocabulary size in it once all are written,
@@ -30,6 +31,20 @@ from configurator import UserError, report_errors  # noqa: F401 (report_errors: 
 TINY_SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 SHAKESPEARE_DIRS = ('shakespeare_char', 'shakespeare')  # both read the same downloaded input.txt
 DATASET_FILES = ('train.bin', 'val.bin', 'meta.pkl')
+# the hub source read for each dataset: (repository, revision, config name); None is main, or the default config.
+# datasets>=4 no longer runs loading scripts, and the main branches of the first two still hold one
+HUB_SOURCES = {
+    # the owner's full parquet conversion, an unmerged pull request; refs/convert/parquet, the hub bot's
+    # conversion, holds only the first 5GB of the ~40GB (plain_text/partial-train), and would load as if whole
+    'openwebtext': ('Skylion007/openwebtext', 'refs/pr/18', None),
+    # the conversion with the script deleted, an unmerged pull request; refs/convert/parquet is also whole
+    # here, but has no dataset card, so nothing checks its row counts, and the bot rewrites it at will
+    'hellaswag': ('Rowan/hellaswag', 'refs/pr/7', None),
+    'lambada': ('EleutherAI/lambada_openai', None, 'default'),  # parquet on main; 'default' is OpenAI's English
+    'fineweb-edu': ('HuggingFaceFW/fineweb-edu', None, 'sample-10BT'),  # parquet on main; the 10B-token sample
+}
+SCRIPTS_ERROR = 'Dataset scripts are no longer supported'  # datasets' RuntimeError for a loading script
+BUILDERS = {'.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}  # datasets' loader of each local file
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -136,6 +151,40 @@ def gpt2_encoding():
     except Exception as e:  # network errors from requests, blocked downloads, corrupt cache: all one message
         raise UserError(f"tiktoken could not load its gpt2 BPE files ({type(e).__name__}); connect to the internet "
                         "once, or set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache of them") from None
+
+
+def hub_source(text):
+    """(path, revision) of a hub source written NAME or NAME@REVISION (a branch, tag, commit or refs/pr/N), as
+    every setting naming a hub dataset takes it; revision is None when not named."""
+    path, at, revision = text.partition('@')
+    if at and not (path and revision):
+        raise UserError(f"{text!r} is not a hub source: write NAME or NAME@REVISION, e.g. Rowan/hellaswag@refs/pr/7")
+    return path, revision or None
+
+
+def load_hub(text, setting, revision=None, name=None, **kwargs):
+    """datasets.load_dataset of the hub source text (hub_source's NAME@REVISION; --revision= gives the revision
+    too); a repository of HUB_SOURCES gets its revision and config name unless they are named. A loading script
+    is one line naming the option to pass (setting: the option that named text)."""
+    import datasets
+    path, at_revision = hub_source(text)
+    if at_revision and revision and at_revision != revision:
+        raise UserError(f"--{setting}={text} and --revision={revision} name two revisions; give one of them")
+    revision = at_revision or revision
+    for repository, default_revision, default_name in HUB_SOURCES.values():
+        if path == repository:
+            revision, name = revision or default_revision, name or default_name
+    try:
+        return datasets.load_dataset(path, name=name, revision=revision, **kwargs)
+    except RuntimeError as e:
+        if SCRIPTS_ERROR not in str(e):
+            raise
+        # the whole conversion where this is a dataset of HUB_SOURCES (e.g. 'openwebtext'), else the hub bot's
+        known = [f"{r}@{v}" for r, v, _ in HUB_SOURCES.values() if v and r.split('/')[-1] == path.split('/')[-1]]
+        example = known[0] if known else f"{path}@refs/convert/parquet (the hub bot's, of at most its first 5GB)"
+        raise UserError(f"could not load --{setting}={text}: this hub dataset has a loading script, which "
+                        "datasets>=4 no longer runs: name a revision with its parquet conversion, e.g. "
+                        f"--{setting}={example}") from None
 
 
 def write_atomic(path, write):

@@ -51,6 +51,13 @@ def small_text():
     return '\n'.join(lines)
 
 
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory, small_text):
+    """small_text as a char dataset, made by the real data/shakespeare_char/prepare.py once per test file."""
+    from scripts import prepare_char_dataset
+    return prepare_char_dataset(str(tmp_path_factory.mktemp('dataset')), small_text)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one thread; with more, thread hand-offs dominate (badly on a busy machine)."""

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from scripts import eval_losses, iter_losses, prepare_char_dataset, run_script, site_env, train
+from scripts import eval_losses, iter_losses, run_script, site_env, train
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +23,6 @@ def failing_backend(graph, example_inputs):
     raise RuntimeError("no working C++ compiler (injected by the test)")
 torch.compile = lambda model=None, **kwargs: compile(model, **dict(kwargs, backend=failing_backend))
 """
-
-
-@pytest.fixture(scope='module')
-def dataset(tmp_path_factory, small_text):
-    return prepare_char_dataset(str(tmp_path_factory.mktemp('compile_data')), small_text)
 
 
 @pytest.fixture(scope='module')

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from scripts import (REPO_ROOT, TINY, args_of, assert_one_line_error, eval_losses, iter_losses, prepare_char_dataset,
-                     run_script, script_env, site_env, train)
+from scripts import (REPO_ROOT, TINY, args_of, assert_one_line_error, eval_losses, iter_losses, run_script,
+                     script_env, site_env, train)
 
 pytestmark = pytest.mark.slow
 
@@ -91,11 +91,6 @@ def assert_same_losses(stdout, reference_stdout, iters, steps, tol=TOL):
 
 def saved_iter(out_dir):
     return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)['iter_num']
-
-
-@pytest.fixture(scope='module')
-def dataset(tmp_path_factory, small_text):
-    return prepare_char_dataset(str(tmp_path_factory.mktemp('ddp_data')), small_text)
 
 
 @pytest.fixture(scope='module')

@@ -25,11 +25,6 @@ from scripts import (REPO_ROOT, TINY, args_of, assert_one_line_error, default_si
 
 
 @pytest.fixture(scope='module')
-def dataset(tmp_path_factory, small_text):
-    return prepare_char_dataset(str(tmp_path_factory.mktemp('dataset')), small_text)
-
-
-@pytest.fixture(scope='module')
 def trained(tmp_path_factory, dataset):
     """out_dir of a 10-iteration TINY run (block_size 32): ckpt.pt and best.pt at iter 10. Copy before changing."""
     out_dir = str(tmp_path_factory.mktemp('trained') / 'out')

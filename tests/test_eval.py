@@ -238,6 +238,79 @@ def test_eval_script_on_a_checkpoint_of_ours_reports_all_tasks_in_json(tmp_path,
         assert f'| {task} |' in result.stdout
 
 
+# ----------------------------------------------------------------------------- hub sources (the hub is not
+# reachable here: what eval passes to datasets.load_dataset is checked, and the hub's layouts are loaded locally)
+
+HELLASWAG_ITEM = {'ctx': 'the king', 'endings': ['is dead', 'was here'], 'label': '1'}
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """The arguments of every datasets.load_dataset call, which answers with one item of the benchmark."""
+    import datasets
+    calls = []
+
+    def load_dataset(path, *args, **kwargs):
+        calls.append(dict(path=path, **{k: kwargs.get(k) for k in ('name', 'revision', 'split')}))
+        item = HELLASWAG_ITEM if 'hellaswag' in path else {'text': 'the king is dead'}
+        return datasets.Dataset.from_list([item])
+    monkeypatch.setattr(datasets, 'load_dataset', load_dataset)
+    return calls
+
+
+@pytest.mark.parametrize('source, split, fields, setting, call', [
+    (evaluate.hellaswag, 'validation', ('ctx', 'endings', 'label'), 'hellaswag',
+     dict(path='Rowan/hellaswag', name=None, revision='refs/pr/7', split='validation')),
+    (evaluate.lambada, 'test', ('text',), 'lambada',
+     dict(path='EleutherAI/lambada_openai', name='default', revision=None, split='test')),
+    ('Rowan/hellaswag@refs/convert/parquet', 'validation', ('ctx', 'endings', 'label'), 'hellaswag',
+     dict(path='Rowan/hellaswag', name=None, revision='refs/convert/parquet', split='validation')),
+], ids=['hellaswag default', 'lambada default', 'name@revision'])
+def test_benchmarks_are_read_from_the_hub_source_named(hub_calls, source, split, fields, setting, call):
+    # the same load_items serves train.py --hellaswag
+    assert evaluate.load_items(source, split, fields, setting) and hub_calls == [call]
+
+
+def test_a_benchmark_with_a_loading_script_is_one_line_naming_the_revision_to_pass(monkeypatch):
+    import datasets
+
+    def load_dataset(path, *args, **kwargs):
+        raise RuntimeError("Dataset scripts are no longer supported, but found hellaswag.py")
+    monkeypatch.setattr(datasets, 'load_dataset', load_dataset)
+    with pytest.raises(UserError, match=r"--hellaswag=Rowan/hellaswag@main: this hub dataset has a loading script, which "
+                                        r"datasets>=4 no longer runs: .* e\.g\. --hellaswag=Rowan/hellaswag@refs/pr/7"):
+        evaluate.load_items('Rowan/hellaswag@main', 'validation', ('ctx', 'endings', 'label'), 'hellaswag')
+
+
+@pytest.mark.parametrize('text, source', [
+    ('Rowan/hellaswag', ('Rowan/hellaswag', None)),
+    ('Skylion007/openwebtext@refs/pr/18', ('Skylion007/openwebtext', 'refs/pr/18')),
+    ('EleutherAI/lambada_openai@0123abc', ('EleutherAI/lambada_openai', '0123abc')),
+])
+def test_a_hub_source_is_name_at_revision(text, source):
+    from data.prepare_utils import hub_source
+    assert hub_source(text) == source
+
+
+def test_hellaswag_laid_out_as_its_parquet_revision_loads(tmp_path):
+    # Rowan/hellaswag@refs/pr/7: a dataset card naming the splits' files, one parquet file a split
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from data.prepare_utils import load_hub
+    items = [dict(HELLASWAG_ITEM, ctx=f'the king {i}') for i in range(5)]
+    (tmp_path / 'hellaswag' / 'data').mkdir(parents=True)
+    (tmp_path / 'hellaswag' / 'README.md').write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
+        "  - split: validation\n    path: data/validation-*\n---\n")
+    for split in ('train', 'validation'):
+        pq.write_table(pa.Table.from_pylist(items), tmp_path / 'hellaswag' / 'data' / f'{split}-00000-of-00001.parquet')
+    rows = load_hub(str(tmp_path / 'hellaswag'), 'hellaswag', split='validation', cache_dir=str(tmp_path / 'cache'))
+    assert [dict(row) for row in rows] == items
+    local = evaluate.load_items(str(tmp_path / 'hellaswag' / 'data' / 'validation-00000-of-00001.parquet'),
+                                'validation', ('ctx', 'endings', 'label'), 'hellaswag')
+    assert local == items
+
+
 # ----------------------------------------------------------------------------- mistakes
 
 def test_a_benchmark_that_cannot_be_loaded_offline_says_how_to_use_a_local_copy(tmp_path, char_run):

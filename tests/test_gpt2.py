@@ -97,7 +97,7 @@ def test_the_readmes_export_and_pipeline_lines_work_offline_for_the_cpu_finetune
 # 'shakespeare_char' and holds no vocabulary, and records nanoGPT's CPU settings (dtype float16, no compile)
 NANOGPT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'nanogpt_ckpt.pt')
 SCRIPTS = ('train.py', 'sample.py', 'eval.py', 'model.py', 'checkpoint.py', 'dataset.py', 'configurator.py',
-           'hardware.py', 'metrics.py')
+           'hardware.py', 'metrics.py', os.path.join('data', 'prepare_utils.py'))
 
 
 @pytest.mark.slow
@@ -106,7 +106,8 @@ def test_a_checkpoint_written_by_nanogpt_samples_and_resumes(tmp_path, shakespea
     checkout = tmp_path / 'checkout'
     checkout.mkdir()
     for name in SCRIPTS:
-        shutil.copy(os.path.join(REPO_ROOT, name), checkout)
+        os.makedirs(os.path.dirname(checkout / name), exist_ok=True)
+        shutil.copy(os.path.join(REPO_ROOT, name), checkout / name)
     subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'data', 'shakespeare_char', 'prepare.py'),
                     f'--input={shakespeare_path}', f'--out_dir={checkout / "data" / "shakespeare_char"}'],
                    check=True, capture_output=True, env=script_env())

@@ -16,18 +16,13 @@ import torch.nn.functional as F
 import model as model_module
 from checkpoint import load_checkpoint
 from model import GPT, GPTConfig, KVCache
-from scripts import eval_losses, iter_losses, prepare_char_dataset, run_script, site_env, train
+from scripts import eval_losses, iter_losses, run_script, site_env, train
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 # a few short launches: checkpoints at 4, resumed to 8; a fixed peak skips measuring matmuls at start-up
 SHORT = dict(max_iters=8, eval_interval=4, eval_iters=2, peak_flops=1e12)
 # how far a low-precision run's losses may drift from float32's on the tiny model (observed: under 0.005)
 TOLERANCE = 0.03
-
-
-@pytest.fixture(scope='module')
-def dataset(tmp_path_factory, small_text):
-    return prepare_char_dataset(str(tmp_path_factory.mktemp('precision_data')), small_text)
 
 
 @pytest.fixture(scope='module')

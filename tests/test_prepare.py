@@ -517,3 +517,143 @@ def test_openwebtext_unloadable_dataset(tmp_path, tiktoken_cache, case):
     if case == 'empty':
         assert 'no documents' in line
     assert not out_dir.exists()
+
+
+def docs_of(out_dir):
+    """The documents in a prepared dataset's train.bin and val.bin, decoded: the sorted list of both."""
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    return sorted(enc.decode(d) for split in ('train', 'val')
+                  for d in split_documents(tokens(out_dir / f'{split}.bin').tolist()))
+
+
+def test_rows_with_null_text_are_skipped_and_counted(tmp_path, tiktoken_cache):
+    docs = [f"document {i} " * (i + 1) for i in range(12)]
+    rows = [{'text': doc} for doc in docs]
+    rows[3:3] = [{'text': None}]
+    rows.append({'text': None})
+    (tmp_path / 'corpus.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows), encoding='utf-8')
+    script = install(tmp_path, 'openwebtext')
+    out_dir = tmp_path / 'out'
+    result = run(script, f'--dataset={tmp_path / "corpus.jsonl"}', '--num_proc=2', f'--out_dir={out_dir}',
+                 env=owt_env(tmp_path, 'cache'))
+    assert result.returncode == 0 and 'Traceback' not in result.stderr, result.stderr
+    assert "12 documents, 2 rows skipped (their 'text' is null or not text)" in result.stdout
+    assert docs_of(out_dir) == sorted(docs)
+
+
+def test_a_folder_of_parquet_shards_laid_out_as_on_the_hub_is_read_whole(tmp_path, tiktoken_cache):
+    # as Skylion007/openwebtext@refs/pr/18 lays out its conversion: data/train-0000N-of-0000M.parquet
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = random.Random(18)
+    docs = [' '.join(rng.choice(['web', 'text', 'naïve', '日本語', '\n']) for _ in range(rng.randint(1, 40)))
+            for _ in range(60)]
+    (tmp_path / 'owt' / 'data').mkdir(parents=True)
+    for shard in range(3):
+        table = pa.table({'text': docs[shard::3]})
+        pq.write_table(table, tmp_path / 'owt' / 'data' / f'train-{shard:05d}-of-00003.parquet')
+    script = install(tmp_path, 'openwebtext')
+    out_dir = tmp_path / 'out'
+    result = run(script, f'--dataset={tmp_path / "owt"}', '--num_proc=2', f'--out_dir={out_dir}',
+                 env=owt_env(tmp_path, 'cache'))
+    assert result.returncode == 0, result.stderr
+    assert docs_of(out_dir) == sorted(docs)
+
+
+# a stand-in for datasets.load_dataset, installed by a sitecustomize.py: it writes down the arguments it was called
+# with and answers with HUB_DOCS, or with the error datasets>=4 gives for a repository holding a loading script
+FAKE_HUB = '''
+import json, os
+import datasets
+
+def load_dataset(path, *args, **kwargs):
+    with open(os.environ['HUB_CALLS'], 'a') as f:
+        f.write(json.dumps(dict(path=path, **{k: kwargs.get(k) for k in ('name', 'revision', 'split')})) + '\\n')
+    if os.environ.get('HUB_SCRIPT'):
+        raise RuntimeError(f"Dataset scripts are no longer supported, but found {path.split('/')[-1]}.py")
+    return datasets.DatasetDict({'train': datasets.Dataset.from_dict({'text': json.loads(os.environ['HUB_DOCS'])})})
+
+datasets.load_dataset = load_dataset
+'''
+
+
+def fake_hub_env(tmp_path, docs=(), script=False):
+    return scripts.site_env(str(tmp_path / 'site'), FAKE_HUB, HUB_CALLS=tmp_path / 'calls.jsonl',
+                            HUB_DOCS=json.dumps(list(docs)), HUB_SCRIPT='1' if script else '',
+                            HF_DATASETS_CACHE=tmp_path / 'cache', HF_HUB_OFFLINE='1')
+
+
+def hub_calls(tmp_path):
+    return [json.loads(line) for line in (tmp_path / 'calls.jsonl').read_text().splitlines()]
+
+
+@pytest.mark.parametrize('args, call', [
+    ([], dict(path='Skylion007/openwebtext', name=None, revision='refs/pr/18', split=None)),  # parquet conversion
+    (['--dataset=me/corpus@v2', '--name=en'], dict(path='me/corpus', name='en', revision='v2', split=None)),
+    (['--dataset=me/corpus', '--revision=refs/pr/3'], dict(path='me/corpus', name=None, revision='refs/pr/3',
+                                                           split=None)),
+], ids=['default', 'name@revision', '--revision'])
+def test_openwebtext_reads_the_hub_source_it_is_given(tmp_path, tiktoken_cache, args, call):
+    docs = [f"hub document {i}" for i in range(10)]
+    script = install(tmp_path, 'openwebtext')
+    result = run(script, *args, '--num_proc=1', f'--out_dir={tmp_path / "out"}', env=fake_hub_env(tmp_path, docs))
+    assert result.returncode == 0, result.stderr
+    assert hub_calls(tmp_path) == [call]
+    assert docs_of(tmp_path / 'out') == sorted(docs)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--dataset=openwebtext'], "--dataset=openwebtext: this hub dataset has a loading script, which datasets>=4 "
+                                "no longer runs: name a revision with its parquet conversion, e.g. "
+                                "--dataset=Skylion007/openwebtext@refs/pr/18"),
+    (['--dataset=me/corpus'], "e.g. --dataset=me/corpus@refs/convert/parquet"),
+    (['--dataset=me/corpus@v2', '--revision=v3'], "--dataset=me/corpus@v2 and --revision=v3 name two revisions"),
+    (['--dataset=me/corpus@'], "'me/corpus@' is not a hub source: write NAME or NAME@REVISION"),
+], ids=['openwebtext script', 'other script', 'two revisions', 'no revision after @'])
+def test_a_hub_source_that_cannot_be_read_is_one_line_naming_the_option_to_pass(tmp_path, tiktoken_cache, args,
+                                                                                message):
+    script = install(tmp_path, 'openwebtext')
+    result = run(script, *args, '--num_proc=1', f'--out_dir={tmp_path / "out"}',
+                 env=fake_hub_env(tmp_path, script=True))
+    assert message in assert_last_line_error(result)
+    assert not (tmp_path / 'out').exists()
+
+
+# the start method of both multiprocessing and multiprocess (datasets' pools), set before the script runs
+START_METHOD = '''
+import multiprocessing, multiprocess
+multiprocessing.set_start_method({method!r}, force=True)
+multiprocess.set_start_method({method!r}, force=True)
+'''
+
+
+def prepare_under(root, method):
+    """data/openwebtext/prepare.py --dataset=corpus.jsonl --num_proc=2, run in root as a user runs it, with
+    workers started by method and an empty datasets cache (a cached run starts no workers); its bins' bytes."""
+    script = install(root, 'openwebtext')
+    rng = random.Random(3)
+    with open(root / 'corpus.jsonl', 'w', encoding='utf-8') as f:
+        for i in range(40):
+            doc = ' '.join(rng.choice(['spawn', 'fork', 'é', '\n']) for _ in range(i + 1))
+            f.write(json.dumps({'text': doc}) + '\n')
+    env = scripts.site_env(str(root / 'site'), START_METHOD.format(method=method), HF_DATASETS_CACHE=root / 'cache',
+                           HF_HUB_OFFLINE='1', TIKTOKEN_CACHE_DIR=scripts.tiktoken_cache_dir())
+    command = [sys.executable, os.path.join('data', 'openwebtext', 'prepare.py'), '--dataset=corpus.jsonl', '--num_proc=2']
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and 'Traceback' not in result.stderr, result.stderr
+    assert 'num_proc=2' in result.stderr  # the tokenizing ran in two worker processes
+    return [(script.parent / name).read_bytes() for name in ('train.bin', 'val.bin')]
+
+
+@pytest.fixture(scope='module')
+def fork_bins(tmp_path_factory):
+    if scripts.tiktoken_cache_dir() is None:
+        pytest.skip("tiktoken's GPT-2 BPE files not found: set NANOGPT_DATA_DIR to the folder holding tiktoken/")
+    return prepare_under(tmp_path_factory.mktemp('fork'), 'fork')
+
+
+@pytest.mark.parametrize('method', ['spawn', 'forkserver'])
+def test_openwebtext_prepare_under_spawn_and_forkserver_writes_the_same_bins_as_fork(tmp_path, tiktoken_cache,
+                                                                                      fork_bins, method):
+    assert prepare_under(tmp_path, method) == fork_bins

@@ -25,12 +25,6 @@ SEPARATOR = '---------------'
 
 # ----------------------------------------------------------------------------- helpers
 
-@pytest.fixture(scope='module')
-def dataset(tmp_path_factory, small_text):
-    """The char dataset of small_text, prepared once for the tests that only read it."""
-    return prepare_char_dataset(str(tmp_path_factory.mktemp('dataset')), small_text)
-
-
 def read_checkpoint(path):
     """load_checkpoint, with its one-line error (SystemExit) turned into a test failure."""
     try:
