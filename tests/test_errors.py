@@ -140,6 +140,20 @@ def test_warmup_that_ends_where_the_decay_ends_is_a_valid_schedule(tmp_path, dat
     assert lrs == pytest.approx({i: 1e-2 * (i + 1) / 6 if i < 5 else 1e-3 for i in range(8)}, rel=1e-12)
 
 
+def test_muon_with_a_learning_rate_of_0_trains_the_matrices_and_leaves_the_rest(tmp_path, dataset):
+    """learning_rate=0 (AdamW's groups) is allowed with optimizer=muon, whose muon_lr still trains the blocks'
+    matrices: by the schedule's factor on each group's own peak, not by a division by learning_rate."""
+    from model import GPT, GPTConfig
+    out_dir = tmp_path / 'out'
+    train(dataset, str(out_dir), optimizer='muon', learning_rate=0.0, min_lr=0.0, max_iters=2, eval_interval=2)
+    checkpoint = load_checkpoint(str(out_dir / 'ckpt.pt'))
+    torch.manual_seed(1337)  # train.py's seed: the oracle is the initial model
+    initial = GPT(GPTConfig(**checkpoint['model_args'])).state_dict()
+    moved = {k for k in initial if not torch.equal(checkpoint['model'][k], initial[k])}
+    matrices = {k for k, v in initial.items() if v.dim() == 2 and k.startswith('transformer.h.')}
+    assert moved == matrices
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, so --device=cuda is no mistake")
 @pytest.mark.parametrize('script', ['train.py', 'sample.py'])
 def test_cuda_device_without_cuda_says_so(script):
