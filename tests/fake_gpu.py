@@ -38,6 +38,7 @@ def install(name='NVIDIA A100-SXM4-80GB', capability=(8, 0), count=1, setattr=se
         'get_device_name': lambda device=None: get_device_properties(device).name,
         'get_device_capability': get_device_capability,
         'is_bf16_supported': is_bf16_supported,
+        'is_current_stream_capturing': lambda: False,  # torch 2.9's optimizer step asks; later ones torch.accelerator
     }
     for attr, fake in fakes.items():
         setattr(torch.cuda, attr, fake)

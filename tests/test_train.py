@@ -306,10 +306,12 @@ def test_sample_prefers_best_checkpoint(run_whose_val_loss_rises):
 
     default = run_script('sample.py', *common)
     assert unexpected_stderr(default.stderr) == [
-        f"loaded {os.path.join(out_dir, 'best.pt')} (iter {best_step}, best val loss {evals[best_step][1]:.4f})"]
+        f"loaded {os.path.join(out_dir, 'best.pt')} (iter {best_step}, best val loss {evals[best_step][1]:.4f}); "
+        "sampling on cpu in float32"]
     latest = run_script('sample.py', *common, '--checkpoint=ckpt.pt')
     assert unexpected_stderr(latest.stderr) == [
-        f"loaded {os.path.join(out_dir, 'ckpt.pt')} (iter 30, best val loss {evals[best_step][1]:.4f})"]
+        f"loaded {os.path.join(out_dir, 'ckpt.pt')} (iter 30, best val loss {evals[best_step][1]:.4f}); "
+        "sampling on cpu in float32"]
 
 
 def test_scripts_work_with_stdout_redirected_to_a_file(tmp_path, dataset):
