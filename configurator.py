@@ -189,8 +189,8 @@ def apply_config_file(namespace, known, path, echo=True):
         with open(path, encoding='utf-8') as f:
             source = f.read()
     except OSError as e:
-        raise EveryRankError(f"config file '{path}' could not be read ({e.strerror}); config files are passed as "
-                        "paths, e.g. python train.py config/train_shakespeare_char.py") from None
+        raise EveryRankError(f"config file '{path}' could not be read ({e.strerror}); config files are passed "
+                             "as paths, e.g. python train.py config/train_shakespeare_char.py") from None
     except UnicodeDecodeError:
         raise EveryRankError(f"config file '{path}' is not UTF-8 text; save it as UTF-8") from None
     file_globals = {k: namespace[k] for k in known}  # a config file may build on the values set so far
@@ -199,11 +199,11 @@ def apply_config_file(namespace, known, path, echo=True):
     try:
         exec(compile(source, path, 'exec'), file_globals, scope)
     except SystemExit:  # not an Exception: it would end the run silently, with its exit code (often 0)
-        raise EveryRankError(f"config file '{path}' called exit (sys.exit, exit or quit); a config file only sets "
-                        "values, so remove the call") from None
+        raise EveryRankError(f"config file '{path}' called exit (sys.exit, exit or quit); a config file only "
+                             "sets values, so remove the call") from None
     except Exception as e:
-        raise EveryRankError(f"config file '{path}' failed to run: {type(e).__name__}: {' '.join(str(e).split())}") \
-            from None
+        raise EveryRankError(f"config file '{path}' failed to run: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())}") from None
     changed = set()
     for key in sorted(scope.assigned):
         value = scope[key]

@@ -12,9 +12,9 @@ import pickle
 import numpy as np
 
 from configurator import UserError
+from data.prepare_utils import SHAKESPEARE_DIRS  # the small datasets train.py prepares on the spot
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
-SMALL_DATASETS = ('shakespeare_char', 'shakespeare')  # train.py prepares these on the spot
 
 
 def first_line(error):
@@ -90,7 +90,7 @@ def script_to_prepare(data_dir):
             return None
         if source is None or not input_changed(data_dir, source):
             return None
-        if source['default'] and os.path.exists(prepare_script) and os.path.basename(data_dir) in SMALL_DATASETS:
+        if source['default'] and os.path.exists(prepare_script) and os.path.basename(data_dir) in SHAKESPEARE_DIRS:
             return prepare_script
         raise UserError(f"the input {source['path']} changed since dataset {data_dir} was prepared from it; "
                         f"prepare it again: {source['command']}")
@@ -98,7 +98,7 @@ def script_to_prepare(data_dir):
         raise UserError(f"no {' or '.join(missing)} in {data_dir}; make them with a prepare script, e.g. python "
                         "data/openwebtext/prepare.py --dataset=YOUR_TEXT_FOLDER --out_dir=data/NAME, then "
                         "--dataset=NAME")
-    if os.path.basename(data_dir) not in SMALL_DATASETS:
+    if os.path.basename(data_dir) not in SHAKESPEARE_DIRS:
         raise UserError(f"no {' or '.join(missing)} in {data_dir}; prepare the dataset first: python {prepare_script}")
     return prepare_script
 

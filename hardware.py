@@ -56,9 +56,7 @@ def check_device(device, dtype):
     if dtype != 'auto' and dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}'; use auto or one of {', '.join(DTYPES)}")
     device_type, colon, index = device.partition(':')
-    if colon and not index.isdigit():
-        raise UserError(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps")
-    if device_type not in ('cpu', 'cuda', 'mps'):
+    if device_type not in ('cpu', 'cuda', 'mps') or colon and not index.isdigit():
         raise UserError(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps")
     dtype = best_dtype(device_type) if dtype == 'auto' else dtype
     if device_type == 'cuda':

@@ -439,9 +439,10 @@ running_mfu = None  # model FLOPs utilization, measured once the loop has settle
 clipped_steps, steps_since_eval = torch.zeros((), device=device), 0  # how often grad_clip acted since the last eval
 while True:
     # determine and set the learning rate for this iteration
-    lr = learning_rate * lr_factor(iter_num)
+    factor = lr_factor(iter_num)
+    lr = learning_rate * factor
     for group in param_groups:  # every group's own peak (Muon's is muon_lr) on the same schedule
-        group['lr'] = group['initial_lr'] * lr_factor(iter_num)
+        group['lr'] = group['initial_lr'] * factor
 
     # evaluate the loss on train/val sets and write checkpoints
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at or eval_only:
