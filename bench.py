@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from checkpoint import check_init_from, load_checkpoint, model_from_checkpoint, new_model, pretrained_model
+from checkpoint import base_model, check_init_from, load_checkpoint, model_from_checkpoint, new_model
 from dataset import dataset_dir, load_tokens
 from hardware import (autocast_context, best_device, best_dtype, check_device, compile_default, dtype_default,
                       peak_flops as device_peak_flops, peak_memory, sync)
@@ -75,7 +75,7 @@ if init_from == 'scratch':
 elif init_from == 'resume':
     model = model_from_checkpoint(load_checkpoint(os.path.join(out_dir, 'ckpt.pt')), dropout=dropout)
 else:
-    model = pretrained_model(init_from, dropout=dropout)
+    model, _ = base_model(init_from, dropout=dropout)
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)
 block_size = model.config.block_size

@@ -12,16 +12,17 @@ from dataclasses import asdict
 
 import filelock
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 from configurator import UserError, check_settings
 from dataset import dataset_dir, first_line, load_meta
 from model import GPT, GPTConfig, HUB_MODELS
 
 FIXED_ON_RESUME = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'rope', 'qk_norm',
-                   'optimizer')
+                   'optimizer', 'lora_rank', 'lora_alpha', 'lora_dropout', 'lora_targets')
 # the settings that belong to the machine a run is on, not to the run: a resumed run always takes today's
 MACHINE_SETTINGS = {'out_dir', 'init_from', 'start_over', 'device', 'dtype', 'compile', 'backend', 'fsdp',
-                    'activation_checkpointing', 'peak_flops'}
+                    'activation_checkpointing', 'peak_flops', 'lora_base_dtype'}
 CHECKPOINT_FILES = ('ckpt.pt', 'best.pt')
 
 
@@ -112,8 +113,9 @@ def new_model(model_args, source):
 def fixed_settings(checkpoint):
     """The settings a resumed run cannot change, as the checkpoint has them: its model's shape and architecture
     and its optimizer. A checkpoint that names no architecture or optimizer (nanoGPT's) has GPT-2's and AdamW."""
-    saved = {**asdict(GPTConfig()), 'optimizer': 'adamw', **checkpoint.get('config', {}), **checkpoint['model_args']}
-    return {k: saved[k] for k in FIXED_ON_RESUME}
+    saved = {**asdict(GPTConfig()), 'optimizer': 'adamw', 'lora_rank': 0, **checkpoint.get('config', {}),
+             **checkpoint['model_args']}
+    return {k: saved[k] for k in FIXED_ON_RESUME if k in saved}
 
 
 def apply_saved_settings(checkpoint, namespace, keys, user_keys):
@@ -130,6 +132,21 @@ def apply_saved_settings(checkpoint, namespace, keys, user_keys):
                             f"its model and optimizer, so drop --{k}")
 
 
+def restore_training_state(checkpoint, model, optimizers, scaler, fsdp):
+    """Load a resumed run's optimizer (and float16 loss scaler) state into this run's, whose settings (weight_decay,
+    betas...) stay this run's. The checkpoint holds the full state (FSDP shards it) of any of our runs; or nanoGPT's,
+    keyed by index, not by name."""
+    settings_now = [{k: v for k, v in group.items() if k != 'params'} for opt in optimizers for group in opt.param_groups]
+    if fsdp and any(isinstance(k, int) for k in checkpoint['optimizer']['state']):
+        raise UserError("this checkpoint's optimizer state is keyed by index (nanoGPT's format), which FSDP cannot "
+                        "shard; resume it once without --fsdp (one process or DDP), then under FSDP")
+    set_optimizer_state_dict(model, optimizers, checkpoint['optimizer'], options=StateDictOptions(full_state_dict=fsdp))
+    for group, settings in zip([group for opt in optimizers for group in opt.param_groups], settings_now):
+        group.update(settings)
+    if checkpoint.get('scaler'):  # float32 and bfloat16 runs save none: a float16 resume starts a new scale
+        scaler.load_state_dict(checkpoint['scaler'])
+
+
 def check_model_fits_data(model, block_size, data_vocab_size, dataset):
     """A context no longer than the model's, and a vocabulary the model's embedding holds."""
     if block_size > model.config.block_size:
@@ -139,7 +156,11 @@ def check_model_fits_data(model, block_size, data_vocab_size, dataset):
                         f"{model.config.vocab_size}; train from scratch on it instead")
 
 
-def model_from_checkpoint(checkpoint, dropout=None):
+def model_from_checkpoint(checkpoint, dropout=None, merge=True):
+    """The checkpoint's model; of a LoRA run's ckpt.pt, its base with the adapters: merged into the plain GPT
+    (what readers want) or, with merge=False, kept apart (to train on)."""
+    if checkpoint.get('lora') and 'adapters' not in checkpoint:  # ckpt.pt: the adapters alone (best.pt is merged)
+        return lora_model(checkpoint, dropout, merge)
     model_args = dict(checkpoint['model_args'])
     if dropout is not None:
         model_args['dropout'] = dropout
@@ -150,6 +171,56 @@ def model_from_checkpoint(checkpoint, dropout=None):
         details = '; '.join(line.strip() for line in str(e).splitlines()[1:3])
         raise UserError(f"the checkpoint's weights do not fit its model_args: {details}") from None
     return model
+
+
+def lora_model(checkpoint, dropout, merge):
+    """A LoRA checkpoint's model: its base with the checkpoint's adapters."""
+    import lora
+    model = lora_base(checkpoint, dropout)
+    adapted = lora.adapted(model, checkpoint['lora'])
+    try:
+        lora.load_adapters(model, checkpoint['model'])
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"the checkpoint's adapters do not fit its base {checkpoint['lora']['base']}: "
+                        f"{first_line(e)}") from None
+    return adapted.merge_and_unload() if merge else model
+
+
+def lora_base(checkpoint, dropout=None):
+    """The base model of a LoRA checkpoint, loaded again from where the run found it and checked to be the same
+    weights (the adapters fit no other)."""
+    import lora
+    base = checkpoint['lora']['base']
+    if not (base in HUB_MODELS or os.path.exists(base)):
+        raise UserError(f"the base model of this LoRA checkpoint, {base}, is missing (the checkpoint holds only the "
+                        "adapters); put it back where it was, or use the run's best.pt, which holds merged weights")
+    model, _ = base_model(base, dropout)
+    if checkpoint['model_args']['block_size'] < model.config.block_size:
+        model.crop_block_size(checkpoint['model_args']['block_size'])
+    if lora.fingerprint(model) != checkpoint['lora']['fingerprint']:
+        raise UserError(f"the base model {base} has changed since this LoRA run started from it (its weights "
+                        "differ), and the adapters fit only that base; restore it, or use the run's best.pt")
+    return model
+
+
+def base_model(init_from, dropout=None):
+    """The weights a run starts from, and their character vocabulary (None: GPT-2's BPE): a GPT-2 name, a
+    Hugging Face directory, or a checkpoint file of ours (e.g. another run's best.pt)."""
+    if os.path.isfile(init_from):
+        ckpt = load_checkpoint(init_from)
+        return model_from_checkpoint(ckpt, dropout), checkpoint_meta(ckpt)
+    return pretrained_model(init_from, dropout), None
+
+
+def checkpoint_meta(ckpt):
+    """A checkpoint's character vocabulary; nanoGPT's record none, and its dataset's meta.pkl has it."""
+    dataset = ckpt.get('config', {}).get('dataset')
+    meta = ckpt.get('meta') or (load_meta(dataset_dir(dataset)) if dataset else None)
+    if meta is None and ckpt['model_args'].get('vocab_size', 50304) < 50257:
+        raise UserError(f"the checkpoint's model has a {ckpt['model_args']['vocab_size']}-token vocabulary but its "
+                        f"dataset's meta.pkl ({dataset_dir(dataset) if dataset else 'no dataset recorded'}) is "
+                        "missing; prepare the dataset again")
+    return meta
 
 
 def pretrained_model(name_or_path, dropout=None):
@@ -165,8 +236,8 @@ def pretrained_model(name_or_path, dropout=None):
 
 def check_room_for_checkpoint(out_dir, model):
     """Refuse to start when out_dir's disk cannot hold one checkpoint of model: its weights and AdamW's two
-    moments, 12 bytes per parameter, written beside the old one."""
-    needed = 12 * sum(p.numel() for p in model.parameters())
+    moments, 12 bytes per parameter, written beside the old one (a LoRA run: its adapters' and a merged best.pt)."""
+    needed = sum((12 if p.requires_grad else 4) * p.numel() for p in model.parameters())
     if free_bytes(out_dir) < needed:
         raise UserError(f"the disk holding {out_dir} has {free_bytes(out_dir) / 2**20:.0f} MiB free, and a "
                         f"checkpoint of this model needs about {needed / 2**20:.0f} MiB; free some space or choose "
@@ -174,36 +245,32 @@ def check_room_for_checkpoint(out_dir, model):
 
 
 def is_pretrained_name(init_from):
-    return init_from in HUB_MODELS or os.path.isdir(init_from)
+    return init_from in HUB_MODELS or os.path.exists(init_from)
 
 
 def check_init_from(init_from, starts):
-    """init_from must be one of a script's starts ('scratch', 'resume'), a GPT-2 name or a Hugging Face directory."""
+    """init_from must be one of a script's starts ('scratch', 'resume'), a GPT-2 name, a Hugging Face directory or
+    a checkpoint file."""
     if init_from not in starts and not is_pretrained_name(init_from):
         raise UserError(f"unknown init_from '{init_from}': use {', '.join(starts)}, gpt2, gpt2-medium, gpt2-large, "
-                        "gpt2-xl or a local directory holding Hugging Face GPT-2 weights")
+                        "gpt2-xl, a local directory holding Hugging Face GPT-2 weights or a checkpoint file (.pt)")
 
 
 def load_model(init_from, out_dir, checkpoint_name=''):
     """The model to sample from or evaluate, as sample.py and eval.py load it: with init_from='resume' from
     out_dir's best.pt if there is one, else its ckpt.pt (or checkpoint_name), else GPT-2 weights from the hub or
-    a local Hugging Face directory. Returns (model in eval mode, its char vocabulary or None, what was loaded)."""
+    a local Hugging Face directory, or a checkpoint file. Returns (model in eval mode, its char vocabulary or None,
+    what was loaded)."""
     check_init_from(init_from, ('resume',))
     if init_from == 'resume':
         path = os.path.join(out_dir, checkpoint_name or ('best.pt' if os.path.exists(os.path.join(out_dir, 'best.pt'))
                                                          else 'ckpt.pt'))
         ckpt = load_checkpoint(path)
-        model = model_from_checkpoint(ckpt)
-        dataset = ckpt.get('config', {}).get('dataset')
-        meta = ckpt.get('meta') or (load_meta(dataset_dir(dataset)) if dataset else None)  # nanoGPT's lack 'meta'
-        if meta is None and model.config.vocab_size < 50257:
-            raise UserError(f"the checkpoint's model has a {model.config.vocab_size}-token vocabulary but its "
-                            f"dataset's meta.pkl ({dataset_dir(dataset) if dataset else 'no dataset recorded'}) is "
-                            "missing; prepare the dataset again")
+        model, meta = model_from_checkpoint(ckpt), checkpoint_meta(ckpt)
         described = (f"{path} (iter {ckpt.get('iter_num', '?')}, "
                      f"best val loss {float(ckpt.get('best_val_loss', float('nan'))):.4f})")
     else:
-        model, meta, described = pretrained_model(init_from), None, init_from
+        (model, meta), described = base_model(init_from), init_from
     return model.eval(), meta, described
 
 

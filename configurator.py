@@ -56,19 +56,25 @@ def settings_of(namespace):
 
 # -----------------------------------------------------------------------------
 # what every setting must be, for whichever script has it: one table, checked before any work
+LORA_TARGETS = ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')  # every Linear of a block
 MAX_COUNT = 2**31 - 1  # sizes and counts: beyond any real run, so that a typo (1e20) fails here, not in numpy
 RULES = [
     (('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'gradient_accumulation_steps', 'eval_interval',
       'eval_iters', 'log_interval', 'num_samples', 'max_new_tokens', 'num_steps', 'prompt_tokens', 'hellaswag_items',
       'warmup_steps'),
      lambda v: 1 <= v <= MAX_COUNT, "from 1 to 2**31 - 1"),
-    (('max_iters', 'warmup_iters', 'lr_decay_iters', 'top_k', 'vocab_size', 'stride', 'limit'),
+    (('max_iters', 'warmup_iters', 'lr_decay_iters', 'top_k', 'vocab_size', 'stride', 'limit', 'lora_rank'),
      lambda v: 0 <= v <= MAX_COUNT, "from 0 to 2**31 - 1"),
     (('learning_rate', 'min_lr', 'muon_lr', 'weight_decay', 'grad_clip', 'peak_flops'), lambda v: v >= 0, "0 or more"),
     (('seed',), lambda v: 0 <= v < 2**63, "0 or more and below 2**63"),
     (('temperature',), lambda v: v == 0 or v >= 1e-3, "0 (greedy) or 0.001 or more (smaller ones are greedy in "
                                                       "effect and overflow)"),
-    (('dropout', 'beta1', 'beta2'), lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    (('dropout', 'beta1', 'beta2', 'lora_dropout'), lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    (('lora_alpha',), lambda v: v > 0, "above 0 (the adapters' scale is lora_alpha / lora_rank)"),
+    (('lora_targets',), lambda v: v != '' and set(v.split(',')) <= set(LORA_TARGETS),
+     f"a comma-separated list of {', '.join(LORA_TARGETS)}"),
+    (('lora_base_dtype',), lambda v: v in ('', 'float32', 'bfloat16', 'float16'),
+     "'' (the run's dtype), float32, bfloat16 or float16"),
     (('top_p',), lambda v: 0 < v <= 1, "above 0 and at most 1"),
     (('backend',), lambda v: v in ('', 'nccl', 'gloo'), "'' (automatic), nccl or gloo"),
     (('optimizer',), lambda v: v in ('adamw', 'muon'), "adamw or muon"),
@@ -84,6 +90,15 @@ JOINT_RULES = [
     (('fsdp', 'optimizer'), lambda s: not (s['fsdp'] and s['optimizer'] == 'muon'),
      "optimizer=muon orthogonalises whole matrices, which fsdp=True splits over the processes; use "
      "optimizer=adamw with FSDP, or DDP (fsdp=False) with Muon"),
+    (('lora_rank', 'init_from'), lambda s: not (s['lora_rank'] and s['init_from'] == 'scratch'),
+     "lora_rank={lora_rank} trains adapters on a trained model, and init_from=scratch has none: set --init_from to a "
+     "GPT-2 name, a Hugging Face directory or a checkpoint file (another run's best.pt), or drop --lora_rank"),
+    (('lora_rank', 'fsdp'), lambda s: not (s['lora_rank'] and s['fsdp']),
+     "lora_rank={lora_rank} with fsdp=True is not supported: LoRA's frozen 16-bit base fits where FSDP would be "
+     "needed (README: LoRA); drop --fsdp (DDP under torchrun works with LoRA)"),
+    (('lora_rank', 'optimizer'), lambda s: not (s['lora_rank'] and s['optimizer'] == 'muon'),
+     "lora_rank={lora_rank} trains rank-{lora_rank} adapter matrices, which Muon does not suit; use "
+     "optimizer=adamw with LoRA"),
 ]
 
 

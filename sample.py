@@ -38,13 +38,13 @@ compile = False  # torch.compile the model: faster tokens after a slow start
 user_keys = configure(globals())
 dtype = dtype_default(device, dtype, user_keys)
 device_type, dtype = check_device(device, dtype)
-torch.manual_seed(seed)
-torch.cuda.manual_seed(seed)
 ctx = autocast_context(device_type, dtype)
 
 # model and its vocabulary
 model, meta, loaded = load_model(init_from, out_dir, checkpoint)
 print(f"loaded {loaded}; sampling on {device} in {dtype}", file=sys.stderr)
+torch.manual_seed(seed)  # after loading, whose random initialisations (of a model, of adapters) vary with its source
+torch.cuda.manual_seed(seed)
 model.to(device)
 tokenizer = Tokenizer(meta)
 encode, decode, stop_token = tokenizer.encode, tokenizer.decode, tokenizer.eot

@@ -20,7 +20,7 @@ dropout masks are drawn from generators seeded with them (and the micro-batch's 
 the uninterrupted one exactly, and a step computes the same however many processes share it.
 """
 
-from configurator import EveryRankError, UserError, configure, report_errors, settings_of
+from configurator import LORA_TARGETS, EveryRankError, UserError, configure, report_errors, settings_of
 
 report_errors()  # first: a mistake is one 'error:' line, Ctrl-C (even while importing) no traceback
 
@@ -37,17 +37,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (apply_saved_settings, check_init_from, check_model_fits_data, check_room_for_checkpoint,
-                        claim_out_dir, load_checkpoint, model_from_checkpoint, new_model, pretrained_model,
-                        save_checkpoint)
+from checkpoint import (apply_saved_settings, base_model, check_init_from, check_model_fits_data,
+                        check_room_for_checkpoint, claim_out_dir, load_checkpoint, model_from_checkpoint, new_model,
+                        restore_training_state, save_checkpoint)
 from dataset import Tokenizer, check_vocabulary, dataset_dir, load_meta, load_splits, read_manifest, script_to_prepare
 from eval import hellaswag_accuracy, hellaswag_item, hellaswag_scores, load_items
+from lora import adapter_weights, add_adapters, freeze_base, merged_weights
 from hardware import (DTYPES, autocast_context, best_device, best_dtype, check_device, compile_default,
                       compile_failure, dtype_default, held_memory, peak_flops as device_peak_flops, peak_memory)
 from metrics import MetricsLog, WandbRun, plot_losses
@@ -83,6 +83,11 @@ bias = False  # do we use bias inside LayerNorm and Linear layers?
 # the faster recipes' options (README "Faster recipes"); the defaults are GPT-2's architecture, as nanoGPT's
 rope = False  # rotary position embeddings instead of learned ones
 qk_norm = False  # RMS-normalised queries and keys
+lora_rank = 0  # low-rank adapters of this rank on a frozen model (README: LoRA); 0 is off: every weight trains
+lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' inputs
+lora_targets = ','.join(LORA_TARGETS)  # the Linears of each block that get adapters
+lora_base_dtype = ''  # the frozen weights' dtype: '' is the run's dtype (16-bit on GPUs), or float32
 # adamw optimizer
 optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the blocks' matrices at muon_lr, AdamW for the rest
 muon_lr = 0.02  # Muon's peak learning rate, on the same schedule as learning_rate (optimizer='muon' only)
@@ -125,9 +130,7 @@ if fsdp and not ddp:
     raise UserError("fsdp=True shards the model over processes: launch with torchrun, e.g. torchrun --standalone "
                     "--nproc_per_node=8 train.py ...; in one process, drop --fsdp")
 if ddp:
-    ddp_rank = int(os.environ['RANK'])
-    ddp_local_rank = int(os.environ['LOCAL_RANK'])
-    ddp_world_size = int(os.environ['WORLD_SIZE'])
+    ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
     if gradient_accumulation_steps % ddp_world_size != 0:  # checked on every rank before any collective: no hang
         valid = [n for n in range(ddp_world_size, 8 * ddp_world_size + 1, ddp_world_size)]
         raise EveryRankError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by "
@@ -220,7 +223,7 @@ if init_from == 'scratch':
 elif init_from == 'resume':
     if master_process:
         print(f"Resuming training from {out_dir} at iter {checkpoint['iter_num']}")
-    model = model_from_checkpoint(checkpoint, dropout=dropout)
+    model = model_from_checkpoint(checkpoint, dropout=dropout, merge=False)  # a LoRA run's: with its adapters
     iter_num = checkpoint['iter_num']
     best_val_loss = float(checkpoint['best_val_loss'])
     model_meta = checkpoint.get('meta', meta)  # nanoGPT's checkpoints record no vocabulary: take the dataset's
@@ -231,13 +234,17 @@ elif init_from == 'resume':
         sys.exit(0)
 else:
     if master_process:
-        print(f"Initializing from GPT-2 weights: {init_from}")
-    model = pretrained_model(init_from, dropout=dropout)
-    model_meta = None  # GPT-2's BPE
+        print(f"Initializing from {'the checkpoint' if os.path.isfile(init_from) else 'GPT-2 weights:'} {init_from}")
+    model, model_meta = base_model(init_from, dropout=dropout)  # (meta None: GPT-2's BPE)
 check_vocabulary(model_meta, meta, dataset)
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # e.g. GPT-2's 1024 cropped to a shorter context for finetuning
 check_model_fits_data(model, block_size, data_vocab_size, dataset)
+lora = checkpoint.get('lora') if checkpoint else None  # what identifies a LoRA run's base, and its settings
+if lora_rank and not lora:  # (a resumed run's model has its adapters already)
+    lora = add_adapters(model, init_from, lora_rank, lora_alpha, lora_dropout, lora_targets)
+if lora:
+    freeze_base(model, lora_base_dtype or dtype, dtype)
 model_args = asdict(model.config)  # all of GPTConfig: sample.py and resume rebuild the same model
 if master_process and not eval_only:
     check_room_for_checkpoint(out_dir, model)
@@ -261,22 +268,10 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
                                         muon_lr=muon_lr if optimizer == 'muon' else 0.0)
 if init_from == 'resume':
-    settings_now = [{k: v for k, v in group.items() if k != 'params'} for opt in optimizers for group in opt.param_groups]
-    # the full state of any of our checkpoints, sharded under FSDP; or nanoGPT's, keyed by index, not by name
-    by_index = any(isinstance(k, int) for k in checkpoint['optimizer']['state'])
-    if fsdp and by_index:
-        raise UserError("this checkpoint's optimizer state is keyed by index (nanoGPT's format), which FSDP cannot "
-                        "shard; resume it once without --fsdp (one process or DDP), then under FSDP")
-    set_optimizer_state_dict(model, optimizers, checkpoint['optimizer'],
-                             options=StateDictOptions(full_state_dict=fsdp))
-    for group, settings in zip([group for opt in optimizers for group in opt.param_groups], settings_now):
-        group.update(settings)  # the state is restored, the settings (weight_decay, betas...) are this run's
-    if checkpoint.get('scaler'):  # float32 and bfloat16 runs save none: a float16 resume starts a new scale
-        scaler.load_state_dict(checkpoint['scaler'])
+    restore_training_state(checkpoint, model, optimizers, scaler, fsdp)
 param_groups = [group for opt in optimizers for group in opt.param_groups]  # (loading a state replaces them)
 resumed_at = iter_num if init_from == 'resume' else None  # its evaluation happened before the checkpoint
 saved_at = resumed_at  # the iteration that ckpt.pt holds
-
 
 
 def warm_up(model):
@@ -367,8 +362,11 @@ def save(name, with_optimizer=True):
         return
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     # the vocabulary travels with the model, so sampling needs no dataset folder (e.g. after a Colab reset)
-    state = {'model': get_model_state_dict(raw_model, options=full), 'model_args': model_args, 'iter_num': iter_num,
-             'best_val_loss': best_val_loss, 'config': config, 'wandb_run_id': wandb_run.run_id, 'meta': meta}
+    weights = adapter_weights(raw_model) if lora else get_model_state_dict(raw_model, options=full)
+    state = {'model': weights, 'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+             'config': config, 'wandb_run_id': wandb_run.run_id, 'meta': meta}
+    if lora:  # ckpt.pt holds the adapters alone; best.pt the merged weights too, a plain GPT to every reader
+        state.update(lora=lora, **({} if with_optimizer else {'adapters': weights, 'model': merged_weights(raw_model)}))
     if with_optimizer:
         state.update(optimizer=get_optimizer_state_dict(raw_model, optimizers, options=full), scaler=scaler.state_dict())
     if master_process:
@@ -418,9 +416,10 @@ def nonfinite_loss_error(value, where):
 
 peak, peak_source = (peak_flops, "--peak_flops") if peak_flops else device_peak_flops(device, dtype)
 if master_process:
-    n_params = raw_model.get_num_params()
-    print(f"run: device {device} x {ddp_world_size} process(es), dtype {dtype}, "
-          f"compile {'on' if compile else 'off'}, {n_params / 1e6:.2f}M parameters, "
+    n_params, trained = raw_model.get_num_params(), sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    split = f" ({trained:,} trained, {n_params - trained:,} frozen)" if lora else ''
+    print(f"run: device {device} x {ddp_world_size} process(es), dtype {dtype}, compile {'on' if compile else 'off'}, "
+          f"{n_params / 1e6:.2f}M parameters{split}, "
           f"{tokens_per_iter:,} tokens per iteration, checkpoints in {os.path.abspath(out_dir)}; "
           f"mfu against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
 metrics = MetricsLog(os.path.join(out_dir, 'log.jsonl'), resume_from=resumed_at,
