@@ -7,6 +7,9 @@ shards: the sum of the local tensors), and the process's peak resident memory so
 second and third steps, which costs the sharding and the recomputation add.
 $ python benchmarks/memory.py
 $ python benchmarks/memory.py --nproc=4 --n_layer=12 --n_head=12 --n_embd=768
+With --lora=True it compares finetuning every weight with LoRA (rank 8, every Linear of the blocks) on a base of
+random weights saved as a checkpoint, with the frozen base in float32 and in bfloat16, e.g. GPT-2 large-shaped:
+$ python benchmarks/memory.py --lora=True --nproc=1 --n_layer=36 --n_head=20 --n_embd=1280
 """
 
 import os
@@ -30,6 +33,7 @@ n_head = 16
 n_embd = 1024
 block_size = 256
 batch_size = 1  # micro-batch per process
+lora = False  # compare full finetuning with LoRA instead of the DDP/FSDP modes
 # -----------------------------------------------------------------------------
 MODES = [('DDP', dict(fsdp=False, activation_checkpointing=False)),
          ('DDP + activation checkpointing', dict(fsdp=False, activation_checkpointing=True)),
@@ -42,11 +46,12 @@ def first_steps(data_dir, out_dir, settings):
     second and third in ms); then stop it, unsaved."""
     args = dict(device='cpu', dtype='float32', compile=False, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                 block_size=block_size, batch_size=batch_size, gradient_accumulation_steps=nproc, max_iters=100,
-                eval_interval=1000, eval_iters=nproc, dataset=data_dir, out_dir=out_dir, **settings)
+                eval_interval=1000, eval_iters=nproc, dataset=data_dir, out_dir=out_dir)
+    args.update(settings)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', WANDB_MODE='disabled')
     proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
                              os.path.join(REPO, 'train.py'), *[f'--{k}={v}' for k, v in args.items()]],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     memory, times = None, []
     try:
@@ -58,10 +63,26 @@ def first_steps(data_dir, out_dir, settings):
                 times.append(float(step.group(2)))
             if len(times) == 2:
                 return memory, sum(times) / 2
-        raise RuntimeError(f"train.py ended after {len(times)} timed steps (exit code {proc.wait()})")
+        raise RuntimeError(f"train.py ended after {len(times)} timed steps (exit code {proc.wait()}): "
+                           f"{proc.stderr.read()[-2000:]}")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole launch: nothing more is needed of it
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole launch: nothing more is needed of it
         proc.wait()
+
+
+def lora_modes(work):
+    """A base of random weights saved as train.py saves a model, and the runs that finetune it."""
+    from dataclasses import asdict
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig
+    config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=True)
+    base = os.path.join(work, 'base.pt')
+    save_checkpoint({'model': GPT(config).state_dict(), 'model_args': asdict(config)}, base)
+    adapters = dict(init_from=base, lora_rank=8, decay_lr=False)
+    return [('full finetuning', dict(init_from=base, decay_lr=False)),
+            ('LoRA rank 8, float32 base', adapters),
+            ('LoRA rank 8, bfloat16 base', dict(adapters, dtype='bfloat16'))]
 
 
 def main():
@@ -70,12 +91,13 @@ def main():
         rng = np.random.default_rng(0)
         for split in ('train', 'val'):  # GPT-2's token ids, at random
             rng.integers(50257, size=100_000, dtype=np.uint16).tofile(os.path.join(work, f'{split}.bin'))
+        modes = lora_modes(work) if lora else MODES
         print(f"{nproc} CPU processes, {n_layer} layers x {n_embd} wide, micro-batch {batch_size} x {block_size} "
               "tokens; what the master process holds after its first step:\n")
         print("| mode | parameters (MiB) | gradients (MiB) | optimizer state (MiB) | sum (MiB) | peak RSS (GiB) "
               "| ms per step |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for name, settings in MODES:
+        for name, settings in modes:
             report, ms = first_steps(work, os.path.join(work, f'out-{len(name)}'), settings)
             mib = [float(x.replace(',', '')) for x in re.findall(r'([\d,.]+) MiB', report)]
             peak = re.search(r'peak ([\d.]+) GiB', report).group(1)

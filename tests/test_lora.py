@@ -214,7 +214,7 @@ def merged_by_hand(lora_run, base, tmp_path_factory):
     return out_dir
 
 
-def test_sample_and_eval_on_a_lora_out_dir_equal_their_results_on_the_merged_model(lora_run, merged_by_hand,
+def test_sample_eval_and_bench_on_a_lora_out_dir_equal_their_results_on_the_merged_model(lora_run, merged_by_hand,
                                                                                    dataset, tmp_path):
     results = {}
     for name, out_dir in (('lora', lora_run[0]), ('merged', merged_by_hand)):
@@ -223,8 +223,11 @@ def test_sample_and_eval_on_a_lora_out_dir_equal_their_results_on_the_merged_mod
         out = tmp_path / f'{name}.json'
         run_script('eval.py', f'--out_dir={out_dir}', '--checkpoint=ckpt.pt', '--device=cpu', '--tasks=text',
                    f'--dataset={dataset}', f'--out={out}')
-        results[name] = sample.stdout, json.loads(out.read_text())
+        bench = run_script('bench.py', '--init_from=resume', f'--out_dir={out_dir}', '--device=cpu', '--mode=sample',
+                           '--max_new_tokens=4', '--warmup_steps=1', '--num_steps=1', '--compare_uncached=False')
+        results[name] = sample.stdout, json.loads(out.read_text()), bench.stdout.splitlines()[0]
     assert results['lora'][0] == results['merged'][0] and results['lora'][0].strip()
+    assert results['lora'][2] == results['merged'][2] and 'parameters' in results['lora'][2]  # bench.py's model
     lora_eval, merged_eval = (json.dumps(r[1]['text'] if 'text' in r[1] else r[1]) for r in results.values())
     numbers = [[float(x) for x in re.findall(r'-?\d+\.\d+', text)] for text in (lora_eval, merged_eval)]
     assert numbers[0] and numbers[0] == pytest.approx(numbers[1], rel=1e-5)
