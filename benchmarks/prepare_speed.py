@@ -1,7 +1,8 @@
 """
 Prepare speed and memory on the same local corpus: this repository's data/fineweb/prepare.py and
-data/openwebtext/prepare.py against upstream nanoGPT's data/openwebtext/prepare.py (the baseline), the same
-parquet shards (made here: pseudo-English documents of a few KB) and the same num_proc, at two corpus sizes,
+data/openwebtext/prepare.py (both streamed, data/tokenize_corpus.py) against upstream nanoGPT's
+data/openwebtext/prepare.py (the baseline), the same parquet shards (made here: pseudo-English documents of a few
+KB, in row groups of 1,000) and the same num_proc, at two corpus sizes,
 runs interleaved. Each run is the whole process, with a datasets cache of its own; reported: tokens/s (tokens
 written / wall time), peak RSS of the process and its workers together (the sum of their PSS, polled every
 0.1 s), and the extra disk each leaves beyond train.bin, val.bin and manifest.json (mostly datasets' cache). Medians.

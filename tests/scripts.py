@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,7 +70,8 @@ def eval_losses(stdout):
 def install_prepare_script(root, name):
     """A copy of data/<name>/prepare.py under root, laid out as in the repository with the modules it imports,
     so that it writes (and downloads) there by default; returns its path."""
-    for path in (os.path.join('data', name, 'prepare.py'), os.path.join('data', 'prepare_utils.py'), 'configurator.py'):
+    for path in (os.path.join('data', name, 'prepare.py'), os.path.join('data', 'prepare_utils.py'),
+                 os.path.join('data', 'tokenize_corpus.py'), 'configurator.py'):
         os.makedirs(os.path.dirname(os.path.join(root, path)), exist_ok=True)
         shutil.copy(os.path.join(REPO_ROOT, path), os.path.join(root, path))
     return os.path.join(root, 'data', name, 'prepare.py')
@@ -111,3 +113,42 @@ def site_env(directory, code, **extra):
     with open(os.path.join(directory, 'sitecustomize.py'), 'w') as f:
         f.write(code)
     return script_env(PYTHONPATH=directory, **extra)
+
+
+# a fault for site_env: the script holds still at the point HOLD_AT names, after creating the file HELD_MARKER, so
+# that kill_when_held kills it exactly there: 'fsyncN' after its Nth os.fsync, or a file name before os.replace
+# puts a file of that name in place. HOLD_THEN=ctrl-c: there it sends itself and its workers a Ctrl-C (SIGINT to
+# its process group, as a terminal does)
+HOLD = """
+import os, signal, time
+def _hold():
+    open(os.environ['HELD_MARKER'], 'w').close()
+    if os.environ.get('HOLD_THEN') == 'ctrl-c':
+        os.killpg(os.getpgrp(), signal.SIGINT)
+    time.sleep(120)
+_fsync, _replace, _fsyncs = os.fsync, os.replace, [0]
+def fsync(fd):
+    _fsync(fd)
+    _fsyncs[0] += 1
+    if os.environ['HOLD_AT'] == f'fsync{_fsyncs[0]}':
+        _hold()
+def replace(src, dst, *args, **kwargs):
+    if os.path.basename(dst) == os.environ['HOLD_AT']:
+        _hold()
+    _replace(src, dst, *args, **kwargs)
+os.fsync, os.replace = fsync, replace
+"""
+
+
+def kill_when_held(command, env, marker, timeout=60):
+    """Run command (a list) in a process group of its own until it creates marker (HOLD), then kill -9 the group,
+    the script and its workers, as kill -9 of a prepare would."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(marker), proc.communicate()[1].decode()[-2000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()

@@ -10,7 +10,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -96,7 +95,7 @@ def prepared(corpus, tmp_path_factory):
     return out_dir, cache, result
 
 
-def test_bins_are_tiktoken_of_the_documents_and_a_null_text_is_skipped(corpus, prepared):
+def test_bins_are_tiktoken_of_the_documents_and_a_null_text_is_skipped(corpus, prepared, tiktoken_cache):
     out_dir, _, result = prepared
     train, val, n_train, n_val = expected_splits(corpus[1])
     assert np.fromfile(out_dir / 'train.bin', dtype=np.uint16).tolist() == train
@@ -117,47 +116,45 @@ def test_streamed_prepare_leaves_no_copy_of_the_corpus_in_the_datasets_cache(cor
     assert sum(map(os.path.getsize, cached)) < 1024, cached  # lock files at most
 
 
-# fault injection: the prepare holds still after its fifth fsync (train.bin.partial of the third shard, before
-# the progress record that counts it), so the test's SIGKILL lands between a write and its record
-HOLD_AFTER_FSYNC = """
-import os, time
-_fsync, _calls = os.fsync, [0]
-def fsync(fd):
-    _fsync(fd)
-    _calls[0] += 1
-    if _calls[0] == 5:
-        open(os.environ['HELD_MARKER'], 'w').close()
-        time.sleep(120)
-os.fsync = fsync
-"""
-
-
-def test_prepare_killed_mid_way_and_run_again_gives_identical_bins_and_manifest(corpus, prepared, tmp_path):
+@pytest.mark.parametrize('hold_at, recorded_shards', [
+    ('fsync5', 2),  # train.bin.partial of the third shard written, before the progress record that counts it
+    ('val.bin', N_SHARDS),  # all tokenized and train.bin.partial renamed to train.bin, val.bin.partial not yet
+], ids=['while tokenizing', 'while renaming the finished files'])
+def test_prepare_killed_mid_way_and_run_again_gives_identical_bins_and_manifest(corpus, prepared, tmp_path, hold_at,
+                                                                               recorded_shards):
     out_dir = tmp_path / 'out'
-    args = [sys.executable, SCRIPT, f'--dataset={corpus[0]}', '--num_proc=2', f'--val_tokens={VAL_TOKENS}',
-            f'--out_dir={out_dir}']
-    marker = tmp_path / 'held'
-    env = prepare_env(tmp_path / 'cache', HOLD_AFTER_FSYNC, HELD_MARKER=str(marker))
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while not marker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), proc.communicate()[1].decode()[-2000:]
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the prepare and its workers, as kill -9 of the process group
-        proc.communicate()
+    args = [f'--dataset={corpus[0]}', '--num_proc=2', f'--val_tokens={VAL_TOKENS}', f'--out_dir={out_dir}']
+    env = prepare_env(tmp_path / 'cache', scripts.HOLD, HOLD_AT=hold_at, HELD_MARKER=tmp_path / 'held')
+    scripts.kill_when_held([sys.executable, SCRIPT, *args], env, tmp_path / 'held')
     progress = json.loads((out_dir / 'progress.json').read_text())
-    assert progress['shards_done'] == 2
-    # the third shard's tokens were written but not recorded: the run again must cut them off
-    assert os.path.getsize(out_dir / 'train.bin.partial') > 2 * progress['counts']['train_tokens']
+    assert progress['shards_done'] == recorded_shards
+    if hold_at == 'fsync5':  # the third shard's tokens were written but not recorded: the run again cuts them off
+        assert os.path.getsize(out_dir / 'train.bin.partial') > 2 * progress['counts']['train_tokens']
+    else:  # the finished train.bin is taken back, not tokenized again
+        assert (out_dir / 'train.bin').exists() and not (out_dir / 'train.bin.partial').exists()
     assert not json.loads((out_dir / 'manifest.json').read_text())['complete']
 
-    result = run(*args[2:], env=prepare_env(tmp_path / 'cache'))
+    result = run(*args, env=prepare_env(tmp_path / 'cache'))
     assert result.returncode == 0, result.stderr
-    assert f"resuming after 2 of {N_SHARDS} shards" in result.stdout
+    assert f"resuming after {recorded_shards} of {N_SHARDS} shards" in result.stdout
     assert read_bytes(out_dir) == read_bytes(prepared[0])
     assert sorted(os.listdir(out_dir)) == ['manifest.json', 'train.bin', 'val.bin']
+
+
+def test_ctrl_c_stops_the_prepare_without_a_traceback_and_the_same_command_continues(corpus, prepared, tmp_path):
+    out_dir = tmp_path / 'out'
+    args = [f'--dataset={corpus[0]}', '--num_proc=2', f'--val_tokens={VAL_TOKENS}', f'--out_dir={out_dir}']
+    # Ctrl-C after its third fsync (train.bin.partial of the second shard), with the workers busy with the next
+    env = prepare_env(tmp_path / 'cache', scripts.HOLD, HOLD_AT='fsync3', HOLD_THEN='ctrl-c',
+                      HELD_MARKER=tmp_path / 'held')
+    result = run(*args, env=env, start_new_session=True, preexec_fn=scripts.default_sigint)
+    assert (tmp_path / 'held').exists() and result.returncode in (-signal.SIGINT, 130), result.stderr
+    assert 'Traceback' not in result.stderr and 'error' not in result.stderr
+
+    result = run(*args, env=prepare_env(tmp_path / 'cache'))
+    assert result.returncode == 0, result.stderr
+    assert f"resuming after 1 of {N_SHARDS} shards" in result.stdout
+    assert read_bytes(out_dir) == read_bytes(prepared[0])
 
 
 def test_spawn_gives_the_same_bins_as_fork(corpus, prepared, tmp_path):

@@ -1,5 +1,5 @@
 """
-Tests for the data/*/prepare.py scripts. Each test copies a script (and data/prepare_utils.py) into a temp
+Tests for the data/*/prepare.py scripts. Each test copies a script (and the modules it imports) into a temp
 dir and runs it there as a real subprocess, then checks the outputs against an independent oracle:
 the input text itself, tiktoken run in the test, and the datasets library's own train/val split.
 """
@@ -382,10 +382,10 @@ def test_a_changed_input_of_your_own_dataset_is_one_error_line_with_the_command_
 # -----------------------------------------------------------------------------
 # openwebtext, on a small local dataset
 
-def owt_env(tmp_path, cache_name):
+def owt_env(tmp_path, cache_name, **extra):
     # a private datasets cache per run, so a second run recomputes everything instead of reusing the first
     return dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / cache_name), HF_HUB_OFFLINE='1',
-                HF_DATASETS_DISABLE_PROGRESS_BARS='1')
+                HF_DATASETS_DISABLE_PROGRESS_BARS='1', **extra)
 
 
 def split_documents(ids):
@@ -543,36 +543,142 @@ def test_rows_with_null_text_are_skipped_and_counted(tmp_path, tiktoken_cache):
 
 
 def test_a_folder_of_parquet_shards_laid_out_as_on_the_hub_is_read_whole(tmp_path, tiktoken_cache):
-    # as Skylion007/openwebtext@refs/pr/18 lays out its conversion: data/train-0000N-of-0000M.parquet
+    # as Skylion007/openwebtext@refs/pr/18 lays out its conversion: plain_text/train-0000N-of-0000M.parquet, in
+    # row groups of a few documents (read by the workers themselves); the first file is one row group of 5,000
+    # (pyarrow's default for a small file), too large for a worker: read by the main process, a batch at a time
     import pyarrow as pa
     import pyarrow.parquet as pq
     rng = random.Random(18)
     docs = [' '.join(rng.choice(['web', 'text', 'naïve', '日本語', '\n']) for _ in range(rng.randint(1, 40)))
-            for _ in range(60)]
-    (tmp_path / 'owt' / 'data').mkdir(parents=True)
-    for shard in range(3):
-        table = pa.table({'text': docs[shard::3]})
-        pq.write_table(table, tmp_path / 'owt' / 'data' / f'train-{shard:05d}-of-00003.parquet')
+            for _ in range(60)] + [f"short {i}" for i in range(5000)]
+    (tmp_path / 'owt' / 'plain_text').mkdir(parents=True)
+    pq.write_table(pa.table({'text': docs[60:]}), tmp_path / 'owt' / 'plain_text' / 'train-00000-of-00003.parquet')
+    for shard in (1, 2):
+        pq.write_table(pa.table({'text': docs[shard - 1:60:2]}), row_group_size=7,
+                       where=tmp_path / 'owt' / 'plain_text' / f'train-{shard:05d}-of-00003.parquet')
     script = install(tmp_path, 'openwebtext')
     out_dir = tmp_path / 'out'
     result = run(script, f'--dataset={tmp_path / "owt"}', '--num_proc=2', f'--out_dir={out_dir}',
                  env=owt_env(tmp_path, 'cache'))
     assert result.returncode == 0, result.stderr
     assert docs_of(out_dir) == sorted(docs)
+    assert not [name for _, _, names in os.walk(tmp_path / 'cache') for name in names if not name.endswith('.lock')]
+
+
+def write_jsonl_shards(folder, n_shards=3):
+    """n_shards .jsonl files of 30 short documents (datasets streams them as n_shards shards); the documents."""
+    rng = random.Random(4)
+    folder.mkdir()
+    docs = []
+    for shard in range(n_shards):
+        shard_docs = [' '.join(rng.choice(['resume', 'kill', 'é', '\n', '42']) for _ in range(rng.randint(1, 30)))
+                      for _ in range(30)]
+        with open(folder / f'part{shard}.jsonl', 'w', encoding='utf-8') as f:
+            f.writelines(json.dumps({'text': doc}) + '\n' for doc in shard_docs)
+        docs += shard_docs
+    return docs
+
+
+@pytest.fixture(scope='module')
+def owt_shards(tmp_path_factory):
+    """Three .jsonl shards and one uninterrupted prepare of them (num_proc=2, an empty datasets cache):
+    (root, documents, the bytes of train.bin, val.bin and manifest.json, the datasets cache)."""
+    if scripts.tiktoken_cache_dir() is None:
+        pytest.skip("tiktoken's GPT-2 BPE files not found: set NANOGPT_DATA_DIR to the folder holding tiktoken/")
+    root = tmp_path_factory.mktemp('owt_shards')
+    docs = write_jsonl_shards(root / 'corpus')
+    script = install(root, 'openwebtext')
+    env = owt_env(root, 'cache', TIKTOKEN_CACHE_DIR=scripts.tiktoken_cache_dir())
+    result = run(script, f'--dataset={root / "corpus"}', '--num_proc=2', f'--out_dir={root / "out"}', env=env)
+    assert result.returncode == 0, result.stderr
+    return root, docs, read_outputs(root / 'out'), root / 'cache'
+
+
+def read_outputs(out_dir):
+    return {name: (out_dir / name).read_bytes() for name in ('train.bin', 'val.bin', 'manifest.json')}
+
+
+def test_openwebtext_streams_and_leaves_no_copy_of_the_corpus_in_the_datasets_cache(owt_shards):
+    root, docs, _, cache = owt_shards
+    assert docs_of(root / 'out') == sorted(docs)
+    assert sorted(os.listdir(root / 'out')) == ['manifest.json', 'train.bin', 'val.bin']  # no partial files left
+    cached = [os.path.join(d, name) for d, _, names in os.walk(cache) for name in names]
+    assert not [path for path in cached if path.endswith(('.arrow', '.parquet', '.jsonl'))], cached
+    assert sum(map(os.path.getsize, cached)) < 1024, cached  # lock files at most
+
+
+@pytest.mark.parametrize('hold_at, recorded_shards', [
+    ('fsync6', 2),  # both files of the third shard written, before the progress record that counts them
+    ('val.bin', 3),  # every shard tokenized and train.bin written, val.bin not yet in place
+], ids=['while tokenizing', 'while writing the splits'])
+def test_openwebtext_killed_mid_way_and_run_again_gives_identical_bins_and_manifest(owt_shards, tmp_path,
+                                                                                   tiktoken_cache, hold_at,
+                                                                                   recorded_shards):
+    root, _, uninterrupted, _ = owt_shards
+    script = install(tmp_path, 'openwebtext')
+    args = [f'--dataset={root / "corpus"}', '--num_proc=2', f'--out_dir={tmp_path / "out"}']
+    env = scripts.site_env(str(tmp_path / 'site'), scripts.HOLD, HOLD_AT=hold_at, HELD_MARKER=tmp_path / 'held',
+                           HF_DATASETS_CACHE=tmp_path / 'cache', HF_HUB_OFFLINE='1')
+    scripts.kill_when_held([sys.executable, str(script), *args], env, tmp_path / 'held')
+    progress = json.loads((tmp_path / 'out' / 'progress.json').read_text())
+    assert progress['shards_done'] == recorded_shards
+    assert not json.loads((tmp_path / 'out' / 'manifest.json').read_text())['complete']
+    if hold_at == 'fsync6':  # the third shard was written but not recorded: the run again must cut it off
+        for name in ('tokens.bin', 'lengths.bin'):
+            assert os.path.getsize(tmp_path / 'out' / f'{name}.partial') > progress['sizes'][name]
+
+    result = run(script, *args, env=owt_env(tmp_path, 'cache'))
+    assert result.returncode == 0, result.stderr
+    assert f"resuming after {recorded_shards} of 3 shards" in result.stdout
+    assert read_outputs(tmp_path / 'out') == uninterrupted
+    assert sorted(os.listdir(tmp_path / 'out')) == ['manifest.json', 'train.bin', 'val.bin']
+
+
+def test_a_progress_record_is_continued_only_with_the_same_settings_and_whole_files(tmp_path, monkeypatch):
+    # data/tokenize_corpus.py's Progress, which both corpus prepares resume from: oracle, the bytes appended
+    monkeypatch.syspath_prepend(os.path.join(REPO, 'data'))
+    from tokenize_corpus import PROGRESS, Progress
+
+    def stopped(settings):
+        # a prepare stopped after recording one shard of 10 ids, with 5 more ids written after the record
+        if (tmp_path / PROGRESS).exists():
+            (tmp_path / PROGRESS).unlink()
+        progress = Progress(str(tmp_path), settings, ('a.bin',), counts={'n': 0})
+        progress.append('a.bin', np.arange(10, dtype=np.uint16))
+        progress.counts['n'] = 10
+        progress.commit(1, finished=False)
+        progress.append('a.bin', np.arange(5, dtype=np.uint16))
+        progress.close()
+
+    def reopened(settings):
+        progress = Progress(str(tmp_path), settings, ('a.bin',), counts={'n': 0})
+        progress.close()
+        return progress.record['shards_done'], progress.counts, tokens(tmp_path / 'a.bin.partial').tolist()
+
+    stopped({'corpus': 1})
+    assert reopened({'corpus': 1}) == (1, {'n': 10}, list(range(10)))  # continued, what followed the record cut off
+    stopped({'corpus': 1})
+    assert reopened({'corpus': 2}) == (0, {'n': 0}, [])  # other settings: from the beginning
+    stopped({'corpus': 1})
+    with open(tmp_path / 'a.bin.partial', 'r+b') as f:
+        f.truncate(8)  # shorter than its record says
+    assert reopened({'corpus': 1}) == (0, {'n': 0}, [])
 
 
 # a stand-in for datasets.load_dataset, installed by a sitecustomize.py: it writes down the arguments it was called
-# with and answers with HUB_DOCS, or with the error datasets>=4 gives for a repository holding a loading script
+# with and answers with HUB_DOCS streamed from two shards, as the hub's parquet files stream, or with the error
+# datasets>=4 gives for a repository holding a loading script
 FAKE_HUB = '''
 import json, os
 import datasets
 
 def load_dataset(path, *args, **kwargs):
     with open(os.environ['HUB_CALLS'], 'a') as f:
-        f.write(json.dumps(dict(path=path, **{k: kwargs.get(k) for k in ('name', 'revision', 'split')})) + '\\n')
+        f.write(json.dumps(dict(path=path, **{k: kwargs.get(k) for k in ('name', 'revision', 'split', 'streaming')}))
+                + '\\n')
     if os.environ.get('HUB_SCRIPT'):
         raise RuntimeError(f"Dataset scripts are no longer supported, but found {path.split('/')[-1]}.py")
-    return datasets.DatasetDict({'train': datasets.Dataset.from_dict({'text': json.loads(os.environ['HUB_DOCS'])})})
+    return datasets.Dataset.from_dict({'text': json.loads(os.environ['HUB_DOCS'])}).to_iterable_dataset(num_shards=2)
 
 datasets.load_dataset = load_dataset
 '''
@@ -589,17 +695,16 @@ def hub_calls(tmp_path):
 
 
 @pytest.mark.parametrize('args, call', [
-    ([], dict(path='Skylion007/openwebtext', name=None, revision='refs/pr/18', split=None)),  # parquet conversion
-    (['--dataset=me/corpus@v2', '--name=en'], dict(path='me/corpus', name='en', revision='v2', split=None)),
-    (['--dataset=me/corpus', '--revision=refs/pr/3'], dict(path='me/corpus', name=None, revision='refs/pr/3',
-                                                           split=None)),
+    ([], dict(path='Skylion007/openwebtext', name=None, revision='refs/pr/18')),  # the parquet conversion
+    (['--dataset=me/corpus@v2', '--name=en'], dict(path='me/corpus', name='en', revision='v2')),
+    (['--dataset=me/corpus', '--revision=refs/pr/3'], dict(path='me/corpus', name=None, revision='refs/pr/3')),
 ], ids=['default', 'name@revision', '--revision'])
 def test_openwebtext_reads_the_hub_source_it_is_given(tmp_path, tiktoken_cache, args, call):
     docs = [f"hub document {i}" for i in range(10)]
     script = install(tmp_path, 'openwebtext')
     result = run(script, *args, '--num_proc=1', f'--out_dir={tmp_path / "out"}', env=fake_hub_env(tmp_path, docs))
     assert result.returncode == 0, result.stderr
-    assert hub_calls(tmp_path) == [call]
+    assert hub_calls(tmp_path) == [dict(call, split='train', streaming=True)]  # streamed: nothing in the cache
     assert docs_of(tmp_path / 'out') == sorted(docs)
 
 
@@ -642,7 +747,7 @@ def prepare_under(root, method):
     command = [sys.executable, os.path.join('data', 'openwebtext', 'prepare.py'), '--dataset=corpus.jsonl', '--num_proc=2']
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and 'Traceback' not in result.stderr, result.stderr
-    assert 'num_proc=2' in result.stderr  # the tokenizing ran in two worker processes
+    assert 'tokenizing in 2 worker processes' in result.stdout  # started by method, as the script ran
     return [(script.parent / name).read_bytes() for name in ('train.bin', 'val.bin')]
 
 

@@ -2,38 +2,33 @@
 Prepare FineWeb-edu (HuggingFaceFW/fineweb-edu, or a local folder of its parquet shards laid out as on the hub)
 with the GPT-2 BPE tokenizer into train.bin and val.bin (uint16 token ids, every document followed by the
 <|endoftext|> token) and manifest.json, as data/openwebtext/prepare.py writes them.
-The corpus is streamed, one input shard at a time, so datasets' cache never holds a copy of it; the tokens are
-appended to train.bin.partial and val.bin.partial, and progress.json records their lengths after every shard.
-Stopped at any moment (Ctrl-C, kill -9, a full disk), the same command continues after the last finished shard
-and writes the same bytes as a prepare that was never stopped.
+The corpus is streamed, one input shard at a time (the hub's through datasets' streaming, a local folder's read
+with pyarrow), so datasets' cache never holds a copy of it; the tokens are appended to train.bin.partial and
+val.bin.partial, and progress.json records their lengths after every shard (data/tokenize_corpus.py). Stopped at
+any moment (Ctrl-C, kill -9, a full disk), the same command continues after the last finished shard and writes the
+same bytes as a prepare that was never stopped.
 The val split is the first documents of the stream, until it holds --val_tokens tokens (build-nanogpt and
 llm.c take the first 100M tokens as val too); the rest, up to --max_tokens, is train.
 Usage: python data/fineweb/prepare.py [--dataset=HuggingFaceFW/fineweb-edu[@REVISION]] [--name=sample-10BT]
        [--revision=REVISION] [--val_tokens=100000000] [--max_tokens=0] [--num_proc=8] [--out_dir=DIR]
 """
-import collections
 import glob
-import itertools
-import json
-import multiprocessing
 import os
 import sys
 
 import numpy as np
-from tqdm import tqdm
 
 script_dir = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(script_dir))  # data/, for the helpers shared with the other prepare scripts
 from prepare_utils import (HUB_SOURCES, ArgumentParser, UserError, begin_dataset, finish_dataset,  # noqa: E402
-                           gpt2_encoding, load_hub, report_errors, write_atomic)
+                           gpt2_encoding, load_hub, report_errors)
+from tokenize_corpus import ParquetShards, Progress, StreamShards, start_workers, tokenized  # noqa: E402
 
 HUB_DATASET, _, DEFAULT_NAME = HUB_SOURCES['fineweb-edu']
 # where each config's parquet shards sit in the hub repository (its README's configs), for a local copy of it
 CONFIG_DIRS = {'sample-10BT': 'sample/10BT', 'sample-100BT': 'sample/100BT', 'sample-350BT': 'sample/350BT',
                'default': 'data'}
-BATCH_DOCS = 1024  # documents per task sent to a worker
 FILES = ('train.bin', 'val.bin')
-PROGRESS = 'progress.json'
 
 
 def parse_args(argv=None):
@@ -79,21 +74,16 @@ def local_shards(folder, name):
     return files
 
 
-def open_stream(args):
-    """The corpus as a streamed datasets.IterableDataset of its text column, and what identifies it for a
-    resume (the same source, config and shards)."""
-    import datasets  # after argument parsing, so --help is quick
+def open_corpus(args):
+    """The corpus's shards (a local folder's parquet files, or the hub's, streamed), and what identifies it for
+    a resume (the same source, config and shards)."""
+    if os.path.isdir(args.dataset):
+        files = local_shards(args.dataset, args.name)
+        source = {'dataset': os.path.abspath(args.dataset), 'shards': [os.path.relpath(f, args.dataset) for f in files]}
+        return ParquetShards(files, args.text_column), source
     try:
-        if os.path.isdir(args.dataset):
-            files = local_shards(args.dataset, args.name)
-            stream = datasets.load_dataset('parquet', data_files=files, split='train', streaming=True)
-            source = {'dataset': os.path.abspath(args.dataset),
-                      'shards': [os.path.relpath(f, args.dataset) for f in files]}
-        else:
-            stream = load_hub(args.dataset, 'dataset', revision=args.revision, name=args.name, split='train',
-                              streaming=True)
-            source = {'dataset': args.dataset, 'revision': args.revision, 'name': args.name,
-                      'shards': stream.num_shards}
+        stream = load_hub(args.dataset, 'dataset', revision=args.revision, name=args.name, split='train',
+                          streaming=True)
     except UserError:
         raise
     except Exception as e:  # not found, offline, no such config: the library's own first line says which
@@ -103,158 +93,53 @@ def open_stream(args):
     if stream.features is not None and args.text_column not in columns:
         raise UserError(f"dataset {args.dataset!r} has no column {args.text_column!r}; its columns are: "
                         f"{', '.join(columns)}")
-    return stream.select_columns([args.text_column]), source
-
-
-# -----------------------------------------------------------------------------
-# the workers: each tokenizes a batch of documents into one array, ending every document with the end-of-text token
-
-enc = None
-
-
-def init_worker():
-    global enc
-    enc = gpt2_encoding()
-
-
-def tokenize(texts):
-    docs = [enc.encode_ordinary(text) for text in texts]  # special tokens in the text are treated as plain text
-    for ids in docs:
-        ids.append(enc.eot_token)  # 50256 for gpt2
-    lengths = np.array([len(ids) for ids in docs], dtype=np.int64)
-    flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.uint16, count=int(lengths.sum()))
-    return flat, lengths
-
-
-def text_batches(shard, text_column, counts):
-    # lists of the shard's texts; rows whose text is null or not a string are skipped and counted
-    for batch in shard.iter(batch_size=BATCH_DOCS):
-        texts = [text for text in batch[text_column] if isinstance(text, str)]
-        counts['skipped'] += len(batch[text_column]) - len(texts)
-        if texts:
-            yield texts
-
-
-def tokenized(batches, pool, num_proc):
-    """(tokens, lengths) of each batch in order, with at most a few batches in flight (Pool.imap would read
-    the whole input ahead of the workers, so memory would grow with the corpus)."""
-    if pool is None:
-        yield from map(tokenize, batches)
-        return
-    pending = collections.deque()
-    for texts in batches:
-        pending.append(pool.apply_async(tokenize, (texts,)))
-        if len(pending) >= 2 * num_proc:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
-# -----------------------------------------------------------------------------
-
-def read_progress(out_dir, settings):
-    """The progress record of an interrupted prepare of these settings, or None to start from the beginning."""
-    path = os.path.join(out_dir, PROGRESS)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            progress = json.load(f)
-    except (OSError, ValueError):
-        progress = None
-    if progress is None or progress.get('settings') != settings:
-        print(f"{path} is from a prepare with other settings (or unreadable); starting from the beginning")
-        return None
-    return progress
-
-
-def append(f, tokens):
-    f.write(tokens.tobytes())
-
-
-def prepare_shard(shard, args, files, counts, pool):
-    """Tokenize one shard, appending each document to val until it holds val_tokens, then to train; returns
-    True once max_tokens is reached."""
-    for flat, lengths in tokenized(text_batches(shard, args.text_column, counts), pool, args.num_proc):
-        ends = np.cumsum(lengths)
-        n_docs = len(lengths)
-        total = counts['train_tokens'] + counts['val_tokens']
-        if args.max_tokens:  # the documents it takes to reach max_tokens (searchsorted: the first end at or past it)
-            n_docs = min(n_docs, int(np.searchsorted(ends, args.max_tokens - total)) + 1)
-        n_val = 0
-        if counts['val_tokens'] < args.val_tokens:
-            n_val = min(n_docs, int(np.searchsorted(ends, args.val_tokens - counts['val_tokens'])) + 1)
-        cut, end = (int(ends[n_val - 1]) if n_val else 0), int(ends[n_docs - 1])
-        append(files['val'], flat[:cut])
-        append(files['train'], flat[cut:end])
-        counts['val_tokens'] += cut
-        counts['train_tokens'] += end - cut
-        counts['val_documents'] += n_val
-        counts['train_documents'] += n_docs - n_val
-        if args.max_tokens and counts['train_tokens'] + counts['val_tokens'] >= args.max_tokens:
-            return True
-    return False
+    source = {'dataset': args.dataset, 'revision': args.revision, 'name': args.name, 'shards': stream.num_shards}
+    return StreamShards(stream.select_columns([args.text_column]), args.text_column), source
 
 
 def main(argv=None):
     args = parse_args(argv)
-    init_worker()  # the BPE before opening the (possibly remote) corpus, so that a missing one fails fast
-    stream, source = open_stream(args)
-    settings = dict(source, text_column=args.text_column, val_tokens=args.val_tokens, max_tokens=args.max_tokens)
-    begin_dataset(args.out_dir, FILES)
-    progress = read_progress(args.out_dir, settings)
-    paths = {split: os.path.join(args.out_dir, f'{split}.bin.partial') for split in ('train', 'val')}
-    if progress is not None and not all(map(os.path.exists, paths.values())):
-        # stopped while renaming the finished files: take them back, or start over if they are gone
-        for split, path in paths.items():
-            if not os.path.exists(path) and os.path.exists(os.path.join(args.out_dir, f'{split}.bin')):
-                os.replace(os.path.join(args.out_dir, f'{split}.bin'), path)
-        if not all(map(os.path.exists, paths.values())):
-            print("the files of the interrupted prepare are gone; starting from the beginning")
-            progress = None
-    if progress is None:
-        progress = {'settings': settings, 'shards_done': 0, 'finished': False, 'counts': dict.fromkeys(
-            ('train_tokens', 'val_tokens', 'train_documents', 'val_documents', 'skipped'), 0)}
-    counts = progress['counts']
-    n_shards, start = stream.num_shards, progress['shards_done']
-    if start:
-        print(f"resuming after {start} of {n_shards} shards ({counts['train_tokens'] + counts['val_tokens']:,} "
-              "tokens already prepared)")
-    files = {}
+    enc = gpt2_encoding()  # before opening the (possibly remote) corpus, so that a missing BPE fails fast
+    pool = start_workers(args.num_proc)
     try:
-        for split, path in paths.items():
-            # whatever a stopped prepare appended after its last record is cut off here
-            files[split] = open(path, 'r+b' if start else 'wb')
-            files[split].truncate(2 * counts[f'{split}_tokens'])
-            files[split].seek(0, os.SEEK_END)
-        pool = multiprocessing.Pool(args.num_proc, initializer=init_worker) if args.num_proc > 1 else None
+        corpus, source = open_corpus(args)
+        settings = dict(source, text_column=args.text_column, val_tokens=args.val_tokens, max_tokens=args.max_tokens)
+        begin_dataset(args.out_dir, FILES)
+        progress = Progress(args.out_dir, settings, FILES, counts=dict.fromkeys(
+            ('train_tokens', 'val_tokens', 'train_documents', 'val_documents', 'skipped'), 0))
         try:
-            remaining = range(start, start if progress['finished'] else n_shards)  # none once max_tokens is reached
-            for i in tqdm(remaining, desc="tokenizing shards", initial=start, total=n_shards):
-                progress['finished'] = prepare_shard(stream.shard(num_shards=n_shards, index=i), args, files, counts,
-                                                     pool)
-                for f in files.values():  # on disk before the record that counts them
-                    f.flush()
-                    os.fsync(f.fileno())
-                progress['shards_done'] = i + 1
-                write_atomic(os.path.join(args.out_dir, PROGRESS), lambda f: f.write(json.dumps(progress).encode()))
-                if progress['finished']:
+            counts = progress.counts
+            for shard, tokens, lengths, skipped in tokenized(corpus, progress, pool, args.num_proc):
+                # each document to val until it holds val_tokens, then to train, until max_tokens
+                ends = np.cumsum(lengths)
+                n_docs = len(lengths)
+                total = counts['train_tokens'] + counts['val_tokens']
+                if args.max_tokens:  # the documents it takes to reach max_tokens (the first end at or past it)
+                    n_docs = min(n_docs, int(np.searchsorted(ends, args.max_tokens - total)) + 1)
+                n_val = 0
+                if counts['val_tokens'] < args.val_tokens:
+                    n_val = min(n_docs, int(np.searchsorted(ends, args.val_tokens - counts['val_tokens'])) + 1)
+                cut, end = (int(ends[n_val - 1]) if n_val else 0), (int(ends[n_docs - 1]) if n_docs else 0)
+                progress.append('val.bin', tokens[:cut])
+                progress.append('train.bin', tokens[cut:end])
+                counts['val_tokens'] += cut
+                counts['train_tokens'] += end - cut
+                counts['val_documents'] += n_val
+                counts['train_documents'] += n_docs - n_val
+                counts['skipped'] += skipped
+                if args.max_tokens and counts['train_tokens'] + counts['val_tokens'] >= args.max_tokens:
+                    progress.commit(shard + 1, finished=True)  # the rest of the corpus is not needed
                     break
         finally:
-            if pool is not None:
-                pool.terminate()
-    except OSError as e:  # a full disk, say: the next run continues after the last recorded shard
-        raise UserError(f"could not write to {args.out_dir} ({e.strerror or e}); free some space and run the same "
-                        "command again to continue") from None
+            progress.close()
     finally:
-        for f in files.values():
-            f.close()
+        pool.shutdown(cancel_futures=True)
     if counts['train_tokens'] == 0:
         raise UserError(f"the corpus has {counts['val_tokens']:,} tokens, all taken by the val split of "
                         f"--val_tokens={args.val_tokens:,}; pass a smaller --val_tokens")
-    for split, path in paths.items():
-        os.replace(path, os.path.join(args.out_dir, f'{split}.bin'))
-    os.remove(os.path.join(args.out_dir, PROGRESS))  # train.bin and val.bin are whole: nothing left to resume
+    for name in FILES:
+        progress.publish(name)
+    progress.remove()  # train.bin and val.bin are whole: nothing left to resume
     finish_dataset(args.out_dir, FILES, enc.n_vocab)
     for split in ('train', 'val'):
         print(f"{split} has {counts[f'{split}_tokens']:,} tokens ({counts[f'{split}_documents']:,} documents)")

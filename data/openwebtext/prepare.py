@@ -1,8 +1,14 @@
 """
-Prepare OpenWebText (or any corpus datasets.load_dataset can read) with the GPT-2 BPE tokenizer.
+Prepare OpenWebText (or any corpus datasets can stream) with the GPT-2 BPE tokenizer.
 Writes train.bin and val.bin (uint16 token ids, every document followed by the <|endoftext|> token) and
 manifest.json. A folder of .txt files is one document per file. Rows whose text is null are skipped, and
 counted in the output.
+Streamed and resumable, as data/fineweb/prepare.py (data/tokenize_corpus.py): the corpus is read one input file
+at a time (local parquet with pyarrow, anything else through datasets' streaming), so datasets' cache holds no
+copy of it, and every document's tokens go to tokens.bin.partial in the corpus's order, with progress.json
+recording after every file how far it goes; a prepare stopped in any way continues after the last recorded file.
+Then the val split is drawn from all the documents (the same seeded shuffle as datasets' train_test_split) and
+train.bin and val.bin are written from tokens.bin.partial, so for a while the disk holds the tokens twice.
 Usage: python data/openwebtext/prepare.py [--dataset=NAME[@REVISION]_OR_PATH] [--revision=REV] [--name=CONFIG]
        [--text_column=text] [--val_fraction=0.0005] [--num_proc=8] [--out_dir=DIR]
 """
@@ -15,10 +21,14 @@ from tqdm import tqdm
 
 script_dir = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(script_dir))  # data/, for the helpers shared with the other prepare scripts
-from prepare_utils import (BUILDERS, HUB_SOURCES, ArgumentParser, UserError, begin_dataset, finish_dataset,
-                           gpt2_encoding, load_hub, report_errors)
+from prepare_utils import (BUILDERS, HUB_SOURCES, ArgumentParser, UserError, begin_dataset,  # noqa: E402
+                           finish_dataset, gpt2_encoding, load_hub, report_errors, write_atomic)
+from tokenize_corpus import ParquetShards, Progress, StreamShards, start_workers, tokenized  # noqa: E402
 
 MIN_VAL_TOKENS = 4 * 1024  # a few of GPT-2's block_size, so that a small corpus still gets a usable val split
+FILES = ('train.bin', 'val.bin')
+PARTS = ('tokens.bin', 'lengths.bin')  # every document's ids in the corpus's order, and each one's number of ids
+WRITE_DOCS = 4096  # documents gathered into train.bin or val.bin per write
 
 
 def parse_args():
@@ -37,7 +47,7 @@ def parse_args():
                         help=f"share of the documents held out as the val split (default 0.0005); documents are "
                              f"added until it holds at least {MIN_VAL_TOKENS:,} tokens, up to half of them")
     parser.add_argument('--num_proc', type=int, default=max(1, min(8, cpu_count // 2)),
-                        help="worker processes for loading and tokenizing")
+                        help="worker processes for tokenizing")
     parser.add_argument('--out_dir', default=script_dir, help="where to write train.bin and val.bin")
     args = parser.parse_args()
     if not 0 < args.val_fraction < 1:
@@ -48,8 +58,9 @@ def parse_args():
     return args
 
 
-def load_corpus(args):
-    """The train split of --dataset: a local file or folder, or a hub dataset (load_hub)."""
+def open_corpus(args):
+    """The train split of --dataset as shards (a local file or folder, or a hub dataset through load_hub,
+    streamed), and what identifies it for a resume."""
     import datasets  # after argument parsing, so --help is quick
     local = os.path.exists(args.dataset)
     if local and (args.revision or args.name):
@@ -65,13 +76,27 @@ def load_corpus(args):
             if extension not in BUILDERS:
                 raise UserError(f"cannot read {args.dataset}: expected a {', '.join(BUILDERS)} file or a folder "
                                 "of them")
-            dataset = datasets.load_dataset(BUILDERS[extension], data_files=args.dataset, num_proc=args.num_proc)
+            builder = datasets.load_dataset_builder(BUILDERS[extension], data_files=args.dataset)
         elif local and any(name.endswith('.txt') for _, _, names in os.walk(args.dataset) for name in names):
-            dataset = datasets.load_dataset(args.dataset, sample_by='document', num_proc=args.num_proc)
+            builder = datasets.load_dataset_builder(args.dataset, sample_by='document')
         elif local:
-            dataset = datasets.load_dataset(args.dataset, num_proc=args.num_proc)
+            builder = datasets.load_dataset_builder(args.dataset)
         else:
-            dataset = load_hub(args.dataset, 'dataset', args.revision, args.name, num_proc=args.num_proc)
+            stream = load_hub(args.dataset, 'dataset', args.revision, args.name, split='train', streaming=True)
+            source = {'dataset': args.dataset, 'revision': args.revision, 'name': args.name,
+                      'shards': stream.num_shards}
+            return checked_stream(stream, args), source
+        if 'train' not in builder.config.data_files:
+            raise UserError(f"dataset {args.dataset!r} has no 'train' split (it has: "
+                            f"{', '.join(builder.config.data_files)})")
+        files = list(builder.config.data_files['train'])
+        source = {'dataset': os.path.abspath(args.dataset), 'files': [os.path.relpath(f, args.dataset) for f in files]}
+        if builder.name == 'parquet':  # read with pyarrow, a batch of documents at a time
+            shards = ParquetShards(files, args.text_column)
+            if shards.rows == 0:
+                raise UserError(f"could not load dataset {args.dataset!r}: it holds no documents")
+            return shards, source
+        return checked_stream(builder.as_streaming_dataset(split='train'), args), source
     except UserError:
         raise
     except Exception as e:  # not found, offline, unsupported format: the library's own first line says which
@@ -81,92 +106,85 @@ def load_corpus(args):
                 type(e.__cause__).__name__ == 'SchemaInferenceError':
             reason = "it holds no documents"
         raise UserError(f"could not load dataset {args.dataset!r}: {reason}") from None
-    if 'train' not in dataset:
-        raise UserError(f"dataset {args.dataset!r} has no 'train' split (it has: {', '.join(dataset)})")
-    dataset = dataset['train']
-    if args.text_column not in dataset.column_names:
+
+
+def checked_stream(stream, args):
+    # a corpus without rows, or without a text column, stops here, before anything is written
+    first = next(iter(stream.take(1)), None)
+    if first is None:
+        raise UserError(f"could not load dataset {args.dataset!r}: it holds no documents")
+    columns = list(stream.features or first)  # a json file's features are only known once it is read
+    if args.text_column not in columns:
         raise UserError(f"dataset {args.dataset!r} has no column {args.text_column!r}; its columns are: "
-                        f"{', '.join(dataset.column_names)}")
-    if getattr(dataset.features[args.text_column], 'dtype', None) not in ('string', 'large_string'):
-        raise UserError(f"column {args.text_column!r} of dataset {args.dataset!r} holds "
-                        f"{dataset.features[args.text_column]}, not text")
-    return dataset
+                        f"{', '.join(columns)}")
+    feature = stream.features[args.text_column] if stream.features else None
+    if feature is not None and getattr(feature, 'dtype', None) not in ('string', 'large_string'):
+        raise UserError(f"column {args.text_column!r} of dataset {args.dataset!r} holds {feature}, not text")
+    return StreamShards(stream.select_columns([args.text_column]), args.text_column)
 
 
-def tokenize(example, text_column, enc):
-    # every document ends with the end-of-text token, so documents stay separated; a row without text is
-    # left empty (len 0), to be skipped and counted
-    text = example[text_column]
-    if not isinstance(text, str):
-        return {'ids': [], 'len': 0}
-    ids = enc.encode_ordinary(text)  # special tokens in the text are treated as plain text
-    ids.append(enc.eot_token)  # 50256 for gpt2
-    return {'ids': ids, 'len': len(ids)}
+def write_documents(tokens_path, path, starts, lengths, docs):
+    """The documents docs (indices; document i is the lengths[i] ids from starts[i] of tokens_path), one after
+    another into path, WRITE_DOCS at a time so that memory stays bounded; reads, not a memmap, so that the pages
+    read are not counted in this process's memory."""
+    def write(out):
+        with open(tokens_path, 'rb') as f:
+            for i in tqdm(range(0, len(docs), WRITE_DOCS), desc=f"writing {path}"):
+                chunk = docs[i:i + WRITE_DOCS]
+                buffer = memoryview(bytearray(2 * int(lengths[chunk].sum())))
+                pos = 0
+                for start, n in zip(starts[chunk].tolist(), lengths[chunk].tolist()):
+                    f.seek(2 * start)
+                    f.readinto(buffer[pos:pos + 2 * n])
+                    pos += 2 * n
+                out.write(buffer)
+    write_atomic(path, write)
 
 
 def main():
     args = parse_args()
-    import datasets
-    enc = gpt2_encoding()  # before the (possibly long) dataset download, so a missing BPE fails fast
-    dataset = load_corpus(args)
-
-    # fixed types: a skipped row's empty ids would otherwise give its worker's shard another type
-    features = datasets.Features({'ids': datasets.Sequence(datasets.Value('uint16')), 'len': datasets.Value('int64')})
-    tokenized = dataset.map(
-        tokenize,
-        fn_kwargs={'text_column': args.text_column, 'enc': enc},
-        remove_columns=dataset.column_names,
-        features=features,
-        desc="tokenizing the documents",
-        num_proc=args.num_proc,
-    )
-    lengths = np.asarray(tokenized['len'], dtype=np.int64)
-    kept = np.flatnonzero(lengths)
-    print(f"{len(kept):,} documents, {len(lengths) - len(kept):,} rows skipped (their {args.text_column!r} "
-          "is null or not text)")
-    if len(kept) < 2:
-        raise UserError(f"dataset {args.dataset!r} has {len(kept)} document(s); it needs at least 2 to make a "
+    enc = gpt2_encoding()  # before the (possibly remote) corpus, so that a missing BPE fails fast
+    pool = start_workers(args.num_proc)
+    try:
+        corpus, source = open_corpus(args)
+        begin_dataset(args.out_dir, FILES)
+        progress = Progress(args.out_dir, dict(source, text_column=args.text_column), PARTS,
+                            counts={'documents': 0, 'skipped': 0})
+        try:
+            for _, tokens, lengths, skipped in tokenized(corpus, progress, pool, args.num_proc):
+                progress.append('tokens.bin', tokens)
+                progress.append('lengths.bin', lengths)
+                progress.counts['documents'] += len(lengths)
+                progress.counts['skipped'] += skipped
+        finally:
+            progress.close()
+    finally:
+        pool.shutdown(cancel_futures=True)
+    n_docs, skipped = progress.counts['documents'], progress.counts['skipped']
+    print(f"{n_docs:,} documents, {skipped:,} rows skipped (their {args.text_column!r} is null or not text)")
+    if n_docs < 2:
+        raise UserError(f"dataset {args.dataset!r} has {n_docs} document(s); it needs at least 2 to make a "
                         "train and a val split")
-    if len(kept) < len(lengths):
-        tokenized, lengths = tokenized.select(kept), lengths[kept]
+    lengths = np.fromfile(progress.paths['lengths.bin'], dtype=np.int64, count=n_docs)
+    starts = np.cumsum(lengths) - lengths
 
     # openwebtext only has a 'train' split, so hold out val_fraction of the documents in a seeded shuffle (the
     # same split as datasets' train_test_split), adding documents while the val split is short of MIN_VAL_TOKENS
-    order = np.random.default_rng(2357).permutation(len(lengths))
-    n_val = math.ceil(args.val_fraction * len(lengths))  # as train_test_split(test_size=val_fraction) counts them
+    order = np.random.default_rng(2357).permutation(n_docs)
+    n_val = math.ceil(args.val_fraction * n_docs)  # as train_test_split(test_size=val_fraction) counts them
     to_floor = int(np.searchsorted(np.cumsum(lengths[order]), MIN_VAL_TOKENS)) + 1  # documents to MIN_VAL_TOKENS
-    n_val = min(max(n_val, min(to_floor, len(lengths) // 2)), len(lengths) - 1)  # never the whole corpus
-    splits = {'train': tokenized.select(order[n_val:]), 'val': tokenized.select(order[:n_val])}
-
-    # concatenate all the ids of each split into one file, a few documents at a time so memory stays bounded
-    files = ('train.bin', 'val.bin')
-    begin_dataset(args.out_dir, files)
-    for split, dset in splits.items():
-        arr_len = int(np.sum(dset['len'], dtype=np.uint64))
-        filename = os.path.join(args.out_dir, f'{split}.bin')
-        tmp_filename = filename + '.tmp'  # renamed at the end, so a crash never leaves a half-written {split}.bin
-        try:
-            arr = np.memmap(tmp_filename, dtype=np.uint16, mode='w+', shape=(arr_len,))  # gpt2 ids fit in uint16
-            total_batches = min(1024, len(dset))
-            idx = 0
-            for batch_idx in tqdm(range(total_batches), desc=f'writing {filename}'):
-                batch = dset.shard(num_shards=total_batches, index=batch_idx, contiguous=True).with_format('numpy')
-                arr_batch = np.concatenate(batch['ids'])
-                arr[idx : idx + len(arr_batch)] = arr_batch
-                idx += len(arr_batch)
-            arr.flush()
-            del arr
-            os.replace(tmp_filename, filename)
-        finally:  # Ctrl-C or a full disk: no half-written file is left behind
-            if os.path.exists(tmp_filename):
-                os.remove(tmp_filename)
-        print(f"{split} has {arr_len:,} tokens ({len(dset):,} documents)")
+    n_val = min(max(n_val, min(to_floor, n_docs // 2)), n_docs - 1)  # never the whole corpus
+    for split, docs in (('train', order[n_val:]), ('val', order[:n_val])):
+        write_documents(progress.paths['tokens.bin'], os.path.join(args.out_dir, f'{split}.bin'), starts, lengths,
+                        docs)
+        print(f"{split} has {int(lengths[docs].sum()):,} tokens ({len(docs):,} documents)")
+    progress.remove()  # train.bin and val.bin are whole: nothing left to resume
     # no source: a hub name has no file to check, and walking a corpus of many files slows every train start
-    finish_dataset(args.out_dir, files, enc.n_vocab)
+    finish_dataset(args.out_dir, FILES, enc.n_vocab)
 
 
-# the guard: datasets' worker processes, started by spawn or forkserver (macOS, Windows, Python 3.14 on Linux),
-# import this file again, and must not run the preparation themselves
+# the guard: the worker processes, started by spawn or forkserver (macOS, Windows, Python 3.14 on Linux), import
+# this file again, and must not run the preparation themselves
 if __name__ == '__main__':
     report_errors()  # a mistake is one 'error:' line, Ctrl-C no traceback
     main()
