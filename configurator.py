@@ -79,6 +79,7 @@ RULES = [
     (('backend',), lambda v: v in ('', 'nccl', 'gloo'), "'' (automatic), nccl or gloo"),
     (('optimizer',), lambda v: v in ('adamw', 'muon'), "adamw or muon"),
     (('out_dir',), lambda v: v != '', "a directory's name, not empty"),
+    (('checkpoint_format',), lambda v: v in ('full', 'sharded'), "full or sharded"),
 ]
 # rules between settings, for the scripts that have all the settings named
 JOINT_RULES = [
@@ -90,12 +91,17 @@ JOINT_RULES = [
     (('fsdp', 'optimizer'), lambda s: not (s['fsdp'] and s['optimizer'] == 'muon'),
      "optimizer=muon orthogonalises whole matrices, which fsdp=True splits over the processes; use "
      "optimizer=adamw with FSDP, or DDP (fsdp=False) with Muon"),
-    (('lora_rank', 'init_from'), lambda s: not (s['lora_rank'] and s['init_from'] == 'scratch'),
-     "lora_rank={lora_rank} trains adapters on a trained model, and init_from=scratch has none: set --init_from to a "
-     "GPT-2 name, a Hugging Face directory or a checkpoint file (another run's best.pt), or drop --lora_rank"),
+    (('lora_rank', 'init_from'), lambda s: not (s['lora_rank'] and s['init_from'] in ('scratch', 'auto')),
+     "lora_rank={lora_rank} trains adapters on a trained model, and init_from={init_from} names none: set --init_from "
+     "to a GPT-2 name, a Hugging Face directory or a checkpoint file (another run's best.pt), or drop --lora_rank"),
     (('lora_rank', 'fsdp'), lambda s: not (s['lora_rank'] and s['fsdp']),
      "lora_rank={lora_rank} with fsdp=True is not supported: LoRA's frozen 16-bit base fits where FSDP would be "
      "needed (README: LoRA); drop --fsdp (DDP under torchrun works with LoRA)"),
+    (('lora_rank', 'checkpoint_format'), lambda s: not (s['lora_rank'] and s['checkpoint_format'] == 'sharded'),
+     "lora_rank={lora_rank} saves only the adapters, a small file: use checkpoint_format=full with LoRA"),
+    (('async_checkpoint', 'checkpoint_format'),
+     lambda s: not s['async_checkpoint'] or s['checkpoint_format'] == 'sharded',
+     "async_checkpoint=True writes sharded checkpoints in the background: add --checkpoint_format=sharded"),
     (('lora_rank', 'optimizer'), lambda s: not (s['lora_rank'] and s['optimizer'] == 'muon'),
      "lora_rank={lora_rank} trains rank-{lora_rank} adapter matrices, which Muon does not suit; use "
      "optimizer=adamw with LoRA"),

@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from checkpoint import load_checkpoint, lora_base, model_from_checkpoint
+from checkpoint import load_checkpoint, lora_base, model_from_checkpoint, newest_name
 from dataset import first_line
 from model import GPT
 
@@ -90,7 +90,7 @@ def offline_gpt2_tokenizer():
 
 
 def main():
-    name = checkpoint or ('best.pt' if os.path.exists(os.path.join(out_dir, 'best.pt')) else 'ckpt.pt')
+    name = checkpoint or newest_name(out_dir)
     target = export_dir or os.path.join(out_dir, 'hf')
     ckpt = load_checkpoint(os.path.join(out_dir, name))
     if adapter_dir and not ckpt.get('lora'):
@@ -110,7 +110,7 @@ def main():
     hf_model, vocab_size, bpe = to_hf(model)
     tokenizer = offline_gpt2_tokenizer() if bpe else None
     publish([hf_model] + ([tokenizer] if tokenizer else []), target)
-    print(f"exported {os.path.join(out_dir, name)} (iter {ckpt.get('iter_num', '?')}) to {target}"
+    print(f"exported {ckpt.get('sharded', os.path.join(out_dir, name))} (iter {ckpt.get('iter_num', '?')}) to {target}"
           + (f", vocabulary trimmed from {cfg.vocab_size} to {vocab_size}" if cfg.vocab_size != vocab_size else ''))
     if not bpe:
         print(f"note: no tokenizer saved, vocab_size {vocab_size} is not GPT-2's; a character-level model "

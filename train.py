@@ -31,26 +31,26 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (apply_saved_settings, base_model, check_init_from, check_model_fits_data,
-                        check_room_for_checkpoint, claim_out_dir, load_checkpoint, model_from_checkpoint, new_model,
-                        restore_training_state, save_checkpoint)
+from checkpoint import (CheckpointWriter, apply_saved_settings, base_model, check_model_fits_data,
+                        check_room_for_checkpoint, claim_out_dir, commit_claim, init_process_group, load_checkpoint,
+                        model_from_checkpoint, new_model, resolve_init_from, restore_training_state)
 from dataset import Tokenizer, check_vocabulary, dataset_dir, load_meta, load_splits, read_manifest, script_to_prepare
 from eval import hellaswag_accuracy, hellaswag_item, hellaswag_scores, load_items
-from lora import adapter_weights, add_adapters, freeze_base, merged_weights
+from lora import add_adapters, freeze_base
 from hardware import (DTYPES, autocast_context, best_device, best_dtype, check_device, compile_default,
                       compile_failure, dtype_default, held_memory, peak_flops as device_peak_flops, peak_memory)
 from metrics import MetricsLog, WandbRun, plot_losses
+from sharding import shard
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a gpt2 (124M) on OpenWebText
@@ -61,9 +61,11 @@ log_interval = 1  # print the training loss every this many iterations
 eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if False, ckpt.pt is only rewritten when val improves (best.pt always holds the best)
+checkpoint_format = 'full'  # 'full': ckpt.pt, gathered by the master; 'sharded': ckpt/, each process its shards (DCP)
+async_checkpoint = False  # sharded only: the shards are written in the background while training goes on
 hellaswag = ''  # also score HellaSwag at every evaluation: hub NAME[@REVISION] ('Rowan/hellaswag') or a local file
 hellaswag_items = 500  # how many of HellaSwag's items to score, shared out over the processes
-init_from = 'scratch'  # 'scratch', 'resume', a GPT-2 name ('gpt2' ... 'gpt2-xl') or a local Hugging Face directory
+init_from = 'scratch'  # 'scratch', 'resume', 'auto' (resume if out_dir has a checkpoint), a GPT-2 name, HF dir or .pt
 start_over = False  # True lets a scratch or GPT-2 start delete the checkpoints of an earlier run in out_dir
 # wandb logging
 wandb_log = False  # disabled by default
@@ -116,7 +118,7 @@ peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks the GPU up by name
 config_keys = settings_of(globals())
 user_keys = configure(globals())  # overrides from the command line or config files, checked
 dtype, compile = dtype_default(device, dtype, user_keys), compile_default(device, compile, user_keys)
-check_init_from(init_from, ('scratch', 'resume'))
+init_from = resolve_init_from(init_from, out_dir)  # 'auto' and a torchrun restart: 'resume' if out_dir has ckpt.pt
 checkpoint = None
 if init_from == 'resume':  # it continues with its saved settings, but for those given now
     checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), required=('optimizer', 'iter_num', 'best_val_loss'))
@@ -146,7 +148,7 @@ if fsdp and dtype == 'float16':
 if ddp:
     if device_type == 'cuda':
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend or ('nccl' if device_type == 'cuda' else 'gloo'))
+    init_process_group(backend or ('nccl' if device_type == 'cuda' else 'gloo'))  # (a torchrun restart: its own keys)
     atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # also on errors
     # a CPU-side group for the stop flag, so checking it every step does not wait for the GPU
     control_group = dist.new_group(backend='gloo') if dist.get_backend() != 'gloo' else None
@@ -210,6 +212,8 @@ data_vocab_size = manifest['vocab_size'] if manifest else meta_vocab_size  # the
 
 # model init
 torch.manual_seed(seed)  # the same initial weights on every process and in every run with this seed
+# under FSDP, from scratch or from shards, the model is built on the meta device and materialised shard by shard
+meta_start = fsdp and (init_from == 'scratch' or 'sharded' in (checkpoint or {}))
 iter_num = 0
 best_val_loss = float('inf')
 if init_from == 'scratch':
@@ -218,12 +222,14 @@ if init_from == 'scratch':
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                       vocab_size=meta_vocab_size or 50304, dropout=dropout,  # 50304: GPT-2's 50257, padded
                       rope=rope, qk_norm=qk_norm)
-    model = new_model(model_args, "the settings")
+    with torch.device('meta') if meta_start and not master_process else nullcontext():  # (rank 0's will be shared)
+        model = new_model(model_args, "the settings")
     model_meta = meta
 elif init_from == 'resume':
     if master_process:
         print(f"Resuming training from {out_dir} at iter {checkpoint['iter_num']}")
-    model = model_from_checkpoint(checkpoint, dropout=dropout, merge=False)  # a LoRA run's: with its adapters
+    with torch.device('meta') if meta_start else nullcontext():  # (a sharded checkpoint's weights come later)
+        model = model_from_checkpoint(checkpoint, dropout=dropout, merge=False)  # a LoRA run's: with its adapters
     iter_num = checkpoint['iter_num']
     best_val_loss = float(checkpoint['best_val_loss'])
     model_meta = checkpoint.get('meta', meta)  # nanoGPT's checkpoints record no vocabulary: take the dataset's
@@ -248,15 +254,16 @@ if lora:
 model_args = asdict(model.config)  # all of GPTConfig: sample.py and resume rebuild the same model
 if master_process and not eval_only:
     check_room_for_checkpoint(out_dir, model)
-model.to(device)
+full_state = {}  # a start from scratch on the meta device: rank 0's weights, which every process's shards get
+if meta_start and master_process and init_from == 'scratch':
+    full_state = model.state_dict()
+    with torch.device('meta'):
+        model = new_model(model_args, "the settings")
+elif not meta_start:
+    model.to(device)
 model.activation_checkpointing = activation_checkpointing
-if fsdp:
-    # each block's parameters are gathered for its forward and backward only; the root holds the rest (embeddings,
-    # final norm, the tied lm_head). Compute in dtype, gradients reduced in float32.
-    mp_policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
-    for block in model.transformer.h:
-        fully_shard(block, mp_policy=mp_policy)
-    fully_shard(model, mp_policy=mp_policy)
+if fsdp:  # (README: Models bigger than one GPU)
+    shard(model, DTYPES[dtype], device, full_state if meta_start and init_from == 'scratch' else None)
 if hellaswag:  # loaded and encoded now, so that a missing file or an unknown character fails before training
     tokenizer = Tokenizer(meta)
     hellaswag_set = load_items(hellaswag, 'validation', ('ctx', 'endings', 'label'), 'hellaswag', hellaswag_items)
@@ -285,6 +292,8 @@ def warm_up(model):
 
 
 raw_model = model  # to read and save state from, neither compiled nor wrapped by DDP
+writer = CheckpointWriter(raw_model, optimizers, scaler, lora, checkpoint_format == 'sharded', async_checkpoint,
+                          master_process, fsdp)
 if compile:
     if master_process:
         print("compiling the model... (takes a ~minute)")
@@ -356,21 +365,11 @@ def lr_factor(it):
 
 
 def save(name, with_optimizer=True):
-    """Write out_dir/name: the full, unsharded state whatever the mode, so that any mode resumes it. Under FSDP
-    every process must call this (the shards are gathered into the master's memory), else only the master."""
-    if not (fsdp or master_process):
-        return
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    """Write out_dir/name (README: Resuming and checkpoints); every process calls this."""
     # the vocabulary travels with the model, so sampling needs no dataset folder (e.g. after a Colab reset)
-    weights = adapter_weights(raw_model) if lora else get_model_state_dict(raw_model, options=full)
-    state = {'model': weights, 'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-             'config': config, 'wandb_run_id': wandb_run.run_id, 'meta': meta}
-    if lora:  # ckpt.pt holds the adapters alone; best.pt the merged weights too, a plain GPT to every reader
-        state.update(lora=lora, **({} if with_optimizer else {'adapters': weights, 'model': merged_weights(raw_model)}))
-    if with_optimizer:
-        state.update(optimizer=get_optimizer_state_dict(raw_model, optimizers, options=full), scaler=scaler.state_dict())
-    if master_process:
-        save_checkpoint(state, os.path.join(out_dir, name))
+    state = {'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
+             'wandb_run_id': wandb_run.run_id, 'meta': meta}
+    writer.save(os.path.join(out_dir, name), state, with_optimizer)
 
 
 # stop cleanly on Ctrl-C (SIGINT) or a cluster's pre-emption notice (SIGTERM): finish the step, save, exit
@@ -427,8 +426,8 @@ metrics = MetricsLog(os.path.join(out_dir, 'log.jsonl'), resume_from=resumed_at,
 wandb_run = WandbRun(wandb_log and master_process, wandb_project, wandb_run_name, config,
                      checkpoint.get('wandb_run_id') if checkpoint else None)
 checkpoint = None  # free up memory
-for path in superseded:  # every check passed: the earlier run's checkpoints make way (--start_over=True)
-    os.remove(path)
+if master_process and not eval_only:  # every check passed: the earlier run's checkpoints make way (--start_over=True)
+    commit_claim(out_dir, superseded)  # and a worker that torchrun restarts resumes this run's ckpt.pt
 
 # training loop
 X, Y = get_batch('train', train_key(iter_num, ddp_rank * micro_steps))  # fetch the very first batch
@@ -485,8 +484,10 @@ while True:
             saved_at = iter_num
             if master_process:
                 plot_losses(metrics.path, os.path.join(out_dir, 'loss.png'))
+        writer.wait()  # a checkpoint still being written in the background
         if master_process and iter_num < max_iters:
-            saved = (f"checkpoint saved in {os.path.join(out_dir, 'ckpt.pt')}. Resume with the same command plus "
+            where = os.path.join(out_dir, 'ckpt' if checkpoint_format == 'sharded' else 'ckpt.pt')
+            saved = (f"checkpoint saved in {where}. Resume with the same command plus "
                      "--init_from=resume") if saved_at == iter_num else "nothing was trained, so nothing was saved"
             print(f"stopped by {stop_signal or 'another process'} at iter {iter_num}; {saved}")
         break

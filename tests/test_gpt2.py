@@ -97,7 +97,7 @@ def test_the_readmes_export_and_pipeline_lines_work_offline_for_the_cpu_finetune
 # 'shakespeare_char' and holds no vocabulary, and records nanoGPT's CPU settings (dtype float16, no compile)
 NANOGPT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'nanogpt_ckpt.pt')
 SCRIPTS = ('train.py', 'sample.py', 'eval.py', 'model.py', 'checkpoint.py', 'dataset.py', 'configurator.py',
-           'hardware.py', 'metrics.py', os.path.join('data', 'prepare_utils.py'))
+           'hardware.py', 'metrics.py', 'lora.py', 'sharding.py', os.path.join('data', 'prepare_utils.py'))
 
 
 @pytest.mark.slow
