@@ -115,7 +115,8 @@ def test_the_frozen_base_is_held_in_the_16_bit_dtype_and_the_adapters_in_float32
 
 
 @pytest.mark.parametrize('settings, message', [
-    (dict(init_from='scratch'), 'init_from=scratch has none'),
+    (dict(init_from='scratch'), 'init_from=scratch names none'),
+    (dict(init_from='auto'), 'init_from=auto names none'),
     (dict(fsdp=True), 'fsdp=True is not supported'),
     (dict(optimizer='muon'), 'use optimizer=adamw with LoRA'),
     (dict(lora_targets='attn.c_atn'), 'comma-separated list of attn.c_attn'),
