@@ -348,6 +348,8 @@ def to_full_checkpoint(directory, path):
     """Write the sharded checkpoint in directory as one ckpt.pt-style file at path (torch's dcp_to_torch_save for the
     shards), e.g. python -c "import checkpoint; checkpoint.to_full_checkpoint('out/ckpt', 'out/ckpt.pt')" """
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    if sharded_checkpoint(directory + '.pt') != directory:
+        raise UserError(f"{directory} is not a complete sharded checkpoint (.metadata and {TRAIN_STATE})")
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
         dcp_to_torch_save(directory, os.path.join(tmp, 'shards.pt'))
         tensors = torch.load(os.path.join(tmp, 'shards.pt'), map_location='cpu', weights_only=True)
