@@ -93,3 +93,14 @@ def fake_gpu_env(tmp_path):
         (folder / 'sitecustomize.py').write_text(sitecustomize_source(name, capability, count))
         return script_env(PYTHONPATH=os.pathsep.join(filter(None, (str(folder), os.environ.get('PYTHONPATH')))))
     return env
+
+
+# the longest files first: pytest-xdist hands out whole files (--dist loadfile) in this order, so the two workers
+# finish together instead of one running the last long file alone
+LONGEST_FIRST = ('test_ddp.py', 'test_train.py', 'test_errors.py', 'test_sharded.py', 'test_lora.py', 'test_restart.py',
+                 'test_precision.py', 'test_compile.py', 'test_gpu_check.py', 'test_prepare.py', 'test_fineweb.py')
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
