@@ -8,7 +8,7 @@ A sitecustomize.py, put before train.py's imports, reports for every process:
 --baseline=PATH also starts the same FSDP run from a checkout of an earlier train.py (e.g. one without the
 meta-device start) for the start-up figure.
 $ python benchmarks/checkpoints.py
-$ python benchmarks/checkpoints.py --baseline=/tmp/before --n_layer=36 --n_head=20 --n_embd=1280
+$ python benchmarks/checkpoints.py --baseline=../nanogpt-before --n_layer=36 --n_head=20 --n_embd=1280
 """
 
 import os
