@@ -14,10 +14,6 @@ from dataclasses import asdict
 
 import filelock
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     get_state_dict, set_optimizer_state_dict, set_state_dict)
 
 import lora
 from configurator import EveryRankError, UserError, check_settings
@@ -153,6 +149,9 @@ def restore_training_state(checkpoint, model, optimizers, scaler, fsdp):
     """Load a resumed run's optimizer (and float16 loss scaler) state into this run's, whose settings (weight_decay,
     betas...) stay this run's. The checkpoint holds the full state (FSDP shards it) of any of our runs; or nanoGPT's,
     keyed by index, not by name."""
+    import torch.distributed.checkpoint as dcp  # (imported where used: with DTensor it costs every script 1 s)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_optimizer_state_dict,
+                                                         set_state_dict)
     groups = [group for opt in optimizers for group in opt.param_groups]
     settings_now = [{k: v for k, v in group.items() if k != 'params'} for group in groups]
     if checkpoint.get('sharded'):  # each process reads what its shards need; DCP reshards for any process count
@@ -229,9 +228,25 @@ def lora_base(checkpoint, dropout=None):
     return model
 
 
-def base_model(init_from, dropout=None):
+def base_model(init_from, dropout=None, from_rank0=False):
     """The weights a run starts from, and their character vocabulary (None: GPT-2's BPE): a GPT-2 name, a
-    Hugging Face directory, or a checkpoint file of ours (e.g. another run's best.pt)."""
+    Hugging Face directory, or a checkpoint file of ours (e.g. another run's best.pt). from_rank0 (FSDP): only
+    rank 0 loads them; the other processes get the same model on the meta device, for rank 0 to hand out."""
+    if from_rank0:
+        loaded, shape = None, [None]
+        if torch.distributed.get_rank() == 0:
+            try:
+                loaded = base_model(init_from, dropout)
+                shape = [(asdict(loaded[0].config), loaded[1])]
+            except UserError as e:
+                shape = [EveryRankError(str(e))]  # (every process stops with it, rank 0 saying it)
+        torch.distributed.broadcast_object_list(shape, src=0)
+        if isinstance(shape[0], UserError):
+            raise shape[0]
+        if loaded:
+            return loaded
+        with torch.device('meta'):
+            return new_model(shape[0][0], init_from), shape[0][1]
     if os.path.isfile(init_from):
         ckpt = load_checkpoint(init_from)
         return model_from_checkpoint(ckpt, dropout), checkpoint_meta(ckpt)
@@ -338,6 +353,7 @@ def load_sharded(directory, required):
         raise UserError(f"{directory} lacks {', '.join(missing) or 'the optimizer state'}, so training cannot resume "
                         "from it (best/ holds the weights only); resume from the ckpt/ that train.py wrote")
     if 'optimizer' not in required:  # a reader: the whole model, in this one process
+        import torch.distributed.checkpoint as dcp
         state = new_model(checkpoint['model_args'], f"{directory}'s model_args").state_dict()
         dcp.load({'model': state}, checkpoint_id=directory, no_dist=not torch.distributed.is_initialized())
         checkpoint['model'] = state
@@ -379,6 +395,8 @@ class CheckpointWriter:
             return self.save_sharded(path, state, with_optimizer)
         if not (self.fsdp or self.master):
             return
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = lora.adapter_weights(self.model) if self.lora else get_model_state_dict(self.model, options=full)
         state = dict(state, model=weights)
@@ -393,6 +411,9 @@ class CheckpointWriter:
             shutil.rmtree(sharded_dir(path), ignore_errors=True)  # an earlier save of this run in the other format
 
     def save_sharded(self, path, state, with_optimizer):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
         self.wait()  # one save in flight at a time
         tensors = {'model': get_model_state_dict(self.model)}
         if with_optimizer:
@@ -418,6 +439,7 @@ class CheckpointWriter:
         """Finish the save in flight, if any, and put it in place."""
         if self.pending is None:
             return
+        from torch.distributed.checkpoint.api import CheckpointException
         future, folder, final, path = self.pending
         self.pending = None
         try:
@@ -443,7 +465,7 @@ class CheckpointWriter:
 
 def write_error(final, e):
     """The one line for a sharded save that failed on some process (DCP gathers what each one met)."""
-    e = next(iter(e.failures.values()), e) if isinstance(e, CheckpointException) else e
+    e = next(iter(e.failures.values()), e) if hasattr(e, 'failures') else e  # (a CheckpointException)
     full = free_bytes(os.path.dirname(final) or '.') < 2**20 or getattr(e, 'errno', None) == errno.ENOSPC
     reason = 'the disk is full' if full else getattr(e, 'strerror', None) or first_line(e)
     return EveryRankError(f"could not write checkpoint {final}: {reason}; the previous checkpoint, if any, is intact. "

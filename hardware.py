@@ -9,7 +9,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from configurator import UserError
 
@@ -140,6 +139,7 @@ def peak_memory(device):
 
 def held_memory(model, optimizers):
     """The MiB of parameters, gradients and optimizer state this process holds (under FSDP: its shards)."""
+    from torch.distributed.tensor import DTensor  # (here: its import costs every script a second at start-up)
     def mib(tensors):
         return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors) / 2**20
     params = list(model.parameters())

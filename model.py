@@ -159,10 +159,8 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: https://paperswithcode.com/method/weight-tying
         self.activation_checkpointing = False  # train.py's setting: see forward
         self.apply(self._init_weights)
-        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two to the residual stream
-        for name, p in self.named_parameters():
-            if name.endswith('c_proj.weight'):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for name, module in self.named_modules():
+            self._init_residual(name, module)
 
     def get_num_params(self, non_embedding=True):
         """Parameter count. The position embeddings are subtracted by default; the token embeddings are
@@ -179,6 +177,16 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):  # ones and zeros, as built (sharding.py draws into empty memory)
+            module.reset_parameters()
+
+    def _init_residual(self, name, module):
+        """GPT-2 draws the residual projections again at 0.02/sqrt(2 * n_layer), as each block adds two to the
+        residual stream, once every module is drawn. True if module is one (sharding.py draws them again)."""
+        if not name.endswith('c_proj'):
+            return False
+        torch.nn.init.normal_(module.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        return True
 
     def forward(self, idx, targets=None, kv_cache=None):
         b, t = idx.size()

@@ -38,7 +38,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (CheckpointWriter, apply_saved_settings, base_model, check_model_fits_data,
@@ -212,8 +211,10 @@ data_vocab_size = manifest['vocab_size'] if manifest else meta_vocab_size  # the
 
 # model init
 torch.manual_seed(seed)  # the same initial weights on every process and in every run with this seed
-# under FSDP, from scratch or from shards, the model is built on the meta device and materialised shard by shard
-meta_start = fsdp and (init_from == 'scratch' or 'sharded' in (checkpoint or {}))
+# under FSDP the model is built on the meta device and materialised shard by shard: drawn from scratch, loaded from
+# shards, or handed out by rank 0, the only process that loads other weights whole (sharding.py)
+sharded_start = 'sharded' in (checkpoint or {})
+on_meta = fsdp and (init_from == 'scratch' or sharded_start or not master_process)
 iter_num = 0
 best_val_loss = float('inf')
 if init_from == 'scratch':
@@ -222,13 +223,13 @@ if init_from == 'scratch':
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                       vocab_size=meta_vocab_size or 50304, dropout=dropout,  # 50304: GPT-2's 50257, padded
                       rope=rope, qk_norm=qk_norm)
-    with torch.device('meta') if meta_start and not master_process else nullcontext():  # (rank 0's will be shared)
+    with torch.device('meta') if on_meta else nullcontext():
         model = new_model(model_args, "the settings")
     model_meta = meta
 elif init_from == 'resume':
     if master_process:
         print(f"Resuming training from {out_dir} at iter {checkpoint['iter_num']}")
-    with torch.device('meta') if meta_start else nullcontext():  # (a sharded checkpoint's weights come later)
+    with torch.device('meta') if on_meta else nullcontext():  # (a sharded checkpoint's weights come later)
         model = model_from_checkpoint(checkpoint, dropout=dropout, merge=False)  # a LoRA run's: with its adapters
     iter_num = checkpoint['iter_num']
     best_val_loss = float(checkpoint['best_val_loss'])
@@ -241,7 +242,7 @@ elif init_from == 'resume':
 else:
     if master_process:
         print(f"Initializing from {'the checkpoint' if os.path.isfile(init_from) else 'GPT-2 weights:'} {init_from}")
-    model, model_meta = base_model(init_from, dropout=dropout)  # (meta None: GPT-2's BPE)
+    model, model_meta = base_model(init_from, dropout=dropout, from_rank0=fsdp)  # (meta None: GPT-2's BPE)
 check_vocabulary(model_meta, meta, dataset)
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # e.g. GPT-2's 1024 cropped to a shorter context for finetuning
@@ -254,16 +255,11 @@ if lora:
 model_args = asdict(model.config)  # all of GPTConfig: sample.py and resume rebuild the same model
 if master_process and not eval_only:
     check_room_for_checkpoint(out_dir, model)
-full_state = {}  # a start from scratch on the meta device: rank 0's weights, which every process's shards get
-if meta_start and master_process and init_from == 'scratch':
-    full_state = model.state_dict()
-    with torch.device('meta'):
-        model = new_model(model_args, "the settings")
-elif not meta_start:
+if not fsdp:
     model.to(device)
 model.activation_checkpointing = activation_checkpointing
 if fsdp:  # (README: Models bigger than one GPU)
-    shard(model, DTYPES[dtype], device, full_state if meta_start and init_from == 'scratch' else None)
+    shard(model, DTYPES[dtype], device, 'init' if init_from == 'scratch' else None if sharded_start else 'rank0')
 if hellaswag:  # loaded and encoded now, so that a missing file or an unknown character fails before training
     tokenizer = Tokenizer(meta)
     hellaswag_set = load_items(hellaswag, 'validation', ('ctx', 'endings', 'label'), 'hellaswag', hellaswag_items)
@@ -514,7 +510,7 @@ while True:
         for opt in optimizers:
             scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # the norm before
-        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP: from the shards
+        grad_norm = grad_norm.full_tensor() if fsdp else grad_norm  # FSDP: a DTensor, from the shards
     # float16 gradients that overflowed: every optimizer skips the step, and the scaler lowers its scale
     skipped = scaler.is_enabled() and not torch.isfinite(grad_norm).item()
     if not skipped:

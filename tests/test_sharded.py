@@ -6,6 +6,7 @@ the same checkpoint converted to one ckpt.pt (the readers), and the previous che
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from checkpoint import load_checkpoint, read_file, sharded_checkpoint, to_full_checkpoint
 from model import GPT, GPTConfig
 from scripts import assert_one_line_error, iter_losses, run_script, site_env, train
-from test_ddp import SETTINGS, assert_same_losses, two_processes
+from test_ddp import SETTINGS, assert_same_losses, ranks_that_exited_with_1, torchrun, two_processes
 
 pytestmark = pytest.mark.slow
 SHARDED = dict(checkpoint_format='sharded', fsdp=True)
@@ -161,15 +162,45 @@ def test_a_failed_background_write_is_one_line_and_the_previous_checkpoint_stays
     assert load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), required=('optimizer',))['iter_num'] == 4
 
 
-def test_fsdp_built_on_the_meta_device_starts_from_the_same_weights_as_one_process(dataset, tmp_path):
-    """FSDP from scratch builds the model on the meta device and rank 0 broadcasts its weights into the shards:
-    one step at learning rate 0 leaves them as they started, and they are those of GPT() under the seed."""
-    out_dir = str(tmp_path / 'out')
-    # (rotary tables too: computed, not saved, so computed again on the device)
+@pytest.fixture(scope='module')
+def meta_start(dataset, tmp_path_factory):
+    """An FSDP start from scratch, one step at learning rate 0, so its ckpt.pt holds the initial weights (rotary
+    tables too: computed, not saved, so computed again on the device): its out_dir."""
+    out_dir = str(tmp_path_factory.mktemp('meta_start'))
     two_processes(dataset=dataset, out_dir=out_dir, max_iters=1, learning_rate=0.0, min_lr=0.0, fsdp=True, rope=True,
                   bias=True)
-    saved = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    return out_dir
+
+
+def test_fsdp_built_on_the_meta_device_starts_from_the_same_weights_as_one_process(meta_start):
+    """FSDP from scratch builds the model on the meta device, and every process draws GPT()'s initial weights
+    one module at a time into its shards: they are those of GPT() under the seed."""
+    saved = load_checkpoint(os.path.join(meta_start, 'ckpt.pt'))
     torch.manual_seed(1337)  # train.py's default seed
     expected = GPT(GPTConfig(**saved['model_args'])).state_dict()
     assert saved['model'].keys() == expected.keys()
     assert all(torch.equal(saved['model'][k], expected[k]) for k in expected)
+
+
+def test_fsdp_from_a_checkpoint_file_takes_rank_0s_weights_and_a_damaged_one_stops_every_process(meta_start, dataset,
+                                                                                                    tmp_path):
+    """A start from other weights under FSDP (a checkpoint file here; GPT-2's take the same path): rank 0 alone
+    loads them and hands out the shards; the others, on the meta device, stop with rank 0's one line if it fails."""
+    base = str(tmp_path / 'base.pt')
+    shutil.copy(os.path.join(meta_start, 'ckpt.pt'), base)
+    out_dir = str(tmp_path / 'out')
+    two_processes(dataset=dataset, out_dir=out_dir, init_from=base, max_iters=1, learning_rate=0.0, min_lr=0.0,
+                  fsdp=True, rope=True, bias=True)
+    expected = load_checkpoint(base)['model']
+    saved = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))['model']
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+    with open(base, 'r+b') as f:
+        f.truncate(os.path.getsize(base) // 2)
+    proc = torchrun(['--standalone', '--nproc_per_node=2', '--monitor-interval=15'], timeout=120, dataset=dataset,
+                    out_dir=str(tmp_path / 'damaged'), init_from=base, fsdp=True)
+    errors = re.findall(r'^(?:\[rank\d\]: )?(error: .*)$', proc.stderr, re.M)  # (torch's rank prefix)
+    assert len(errors) == 1 and 'base.pt is not a readable checkpoint' in errors[0], proc.stderr
+    assert ranks_that_exited_with_1(proc.stderr) == {'0', '1'}, proc.stderr
+    assert 'train.py", line' not in proc.stderr, proc.stderr
