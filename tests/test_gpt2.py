@@ -59,6 +59,25 @@ def test_cpu_finetune_from_local_gpt2_then_sample_decodes_with_tiktoken(finetune
     assert sample.stdout.split('---------------')[0] == prompt + enc.decode(y) + '\n'
 
 
+def test_fsdp_from_gpt2_weights_hands_every_process_its_shards_of_them(finetuned, tmp_path):
+    """Under FSDP rank 0 alone loads GPT-2's weights (a local save_pretrained directory here) and hands out the
+    shards; the other processes build the model on the meta device, cropped to block_size alike. One step at
+    learning rate 0 leaves the weights as loaded: those of GPT.from_pretrained in one process, cropped."""
+    from checkpoint import load_checkpoint
+    from model import GPT
+    from test_ddp import two_processes
+    root = os.path.dirname(finetuned)
+    out_dir = str(tmp_path / 'out')
+    two_processes(dataset=os.path.join(root, 'data'), out_dir=out_dir, init_from=os.path.join(root, 'tiny-gpt2'),
+                  max_iters=1, learning_rate=0.0, min_lr=0.0, fsdp=True, block_size=64)
+    saved = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))['model']
+    expected = GPT.from_pretrained(os.path.join(root, 'tiny-gpt2'))
+    expected.crop_block_size(64)  # from the 128 positions it was saved with
+    expected = expected.state_dict()
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
 def readme_line(start):
     with open(os.path.join(REPO_ROOT, 'README.md'), encoding='utf-8') as f:
         [line] = [line.strip() for line in f if line.startswith(start)]

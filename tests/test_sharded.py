@@ -198,7 +198,8 @@ def test_fsdp_from_a_checkpoint_file_takes_rank_0s_weights_and_a_damaged_one_sto
 
     with open(base, 'r+b') as f:
         f.truncate(os.path.getsize(base) // 2)
-    proc = torchrun(['--standalone', '--nproc_per_node=2', '--monitor-interval=15'], timeout=120, dataset=dataset,
+    # (torchrun checks its workers every 5 s: time enough for rank 1 to stop by itself on rank 0's error)
+    proc = torchrun(['--standalone', '--nproc_per_node=2', '--monitor-interval=5'], timeout=120, dataset=dataset,
                     out_dir=str(tmp_path / 'damaged'), init_from=base, fsdp=True)
     errors = re.findall(r'^(?:\[rank\d\]: )?(error: .*)$', proc.stderr, re.M)  # (torch's rank prefix)
     assert len(errors) == 1 and 'base.pt is not a readable checkpoint' in errors[0], proc.stderr
