@@ -4,6 +4,7 @@ Writes are atomic (temp file, fsync, rename); reads never execute pickled code; 
 is a UserError naming the file and what to do.
 """
 
+import datetime
 import errno
 import functools
 import os
@@ -193,7 +194,9 @@ def model_from_checkpoint(checkpoint, dropout=None, merge=True):
     if 'model' not in checkpoint:
         return model
     try:
-        model.load_state_dict(checkpoint['model'])
+        with warnings.catch_warnings():  # on the meta device (FSDP, rank 0 hands its weights out): checked only
+            warnings.filterwarnings('ignore', message='.*copying from a non-meta parameter')
+            model.load_state_dict(checkpoint['model'])
     except RuntimeError as e:  # its first line is a heading; the next ones say which weights
         details = '; '.join(line.strip() for line in str(e).splitlines()[1:3])
         raise UserError(f"the checkpoint's weights do not fit its model_args: {details}") from None
@@ -233,16 +236,20 @@ def base_model(init_from, dropout=None, from_rank0=False):
     Hugging Face directory, or a checkpoint file of ours (e.g. another run's best.pt). from_rank0 (FSDP): only
     rank 0 loads them; the other processes get the same model on the meta device, for rank 0 to hand out."""
     if from_rank0:
-        loaded, shape = None, [None]
+        loaded, shape, failure = None, [None], None
+        # on gloo, with an hour to wait: rank 0 may be downloading GPT-2's weights (NCCL would give up in 10 min)
+        group = torch.distributed.new_group(backend='gloo', timeout=datetime.timedelta(hours=1))
         if torch.distributed.get_rank() == 0:
             try:
                 loaded = base_model(init_from, dropout)
                 shape = [(asdict(loaded[0].config), loaded[1])]
-            except UserError as e:
-                shape = [EveryRankError(str(e))]  # (every process stops with it, rank 0 saying it)
-        torch.distributed.broadcast_object_list(shape, src=0)
+            except Exception as e:  # every process stops with it; rank 0 says it (and keeps a bug's traceback)
+                failure = e
+                shape = [EveryRankError(str(e) if isinstance(e, UserError) else f"rank 0 could not load {init_from}")]
+        torch.distributed.broadcast_object_list(shape, src=0, group=group)
+        torch.distributed.destroy_process_group(group)
         if isinstance(shape[0], UserError):
-            raise shape[0]
+            raise shape[0] if failure is None or isinstance(failure, UserError) else failure
         if loaded:
             return loaded
         with torch.device('meta'):
@@ -355,7 +362,7 @@ def load_sharded(directory, required):
     if 'optimizer' not in required:  # a reader: the whole model, in this one process
         import torch.distributed.checkpoint as dcp
         state = new_model(checkpoint['model_args'], f"{directory}'s model_args").state_dict()
-        dcp.load({'model': state}, checkpoint_id=directory, no_dist=not torch.distributed.is_initialized())
+        dcp.load({'model': state}, checkpoint_id=directory, no_dist=True)  # (this process alone reads it all)
         checkpoint['model'] = state
     return checkpoint
 
@@ -465,7 +472,8 @@ class CheckpointWriter:
 
 def write_error(final, e):
     """The one line for a sharded save that failed on some process (DCP gathers what each one met)."""
-    e = next(iter(e.failures.values()), e) if hasattr(e, 'failures') else e  # (a CheckpointException)
+    if hasattr(e, 'failures'):  # a CheckpointException: {rank: (its exception, its traceback)}
+        e = next(iter(e.failures.values()), (e,))[0]
     full = free_bytes(os.path.dirname(final) or '.') < 2**20 or getattr(e, 'errno', None) == errno.ENOSPC
     reason = 'the disk is full' if full else getattr(e, 'strerror', None) or first_line(e)
     return EveryRankError(f"could not write checkpoint {final}: {reason}; the previous checkpoint, if any, is intact. "

@@ -7,7 +7,7 @@ A sitecustomize.py, put before train.py's imports, reports for every process:
   VmHWM, reset just before the save by writing 5 to /proc/self/clear_refs).
 --baseline=PATH also starts the same FSDP run from a checkout of an earlier train.py (e.g. one without the
 meta-device start) for the start-up figure; --saves=0 measures start-up only (a model too big to save whole here).
-Start-up is also given above each process's resident memory once torch and train.py's imports are loaded.
+Start-up is also given above each process's resident memory when model.py is imported (torch is loaded by then).
 $ python benchmarks/checkpoints.py
 $ python benchmarks/checkpoints.py --baseline=../nanogpt-before --saves=0 --n_layer=36 --n_head=20 --n_embd=1280
 """

@@ -59,6 +59,7 @@ def test_cpu_finetune_from_local_gpt2_then_sample_decodes_with_tiktoken(finetune
     assert sample.stdout.split('---------------')[0] == prompt + enc.decode(y) + '\n'
 
 
+@pytest.mark.slow
 def test_fsdp_from_gpt2_weights_hands_every_process_its_shards_of_them(finetuned, tmp_path):
     """Under FSDP rank 0 alone loads GPT-2's weights (a local save_pretrained directory here) and hands out the
     shards; the other processes build the model on the meta device, cropped to block_size alike. One step at
