@@ -50,17 +50,18 @@ def draw_initial_weights(model, hosts):
     # every module is drawn in one buffer, as big as the biggest module: memory freed and taken again for each
     # module would be kept by the C allocator (~10% more resident memory for GPT-2 large)
     buffer = torch.empty(max(sum(p.numel() for p in host.parameters()) for _, host in hosts))
+    for _, host in hosts:
+        offset = 0
+        for k, p in list(host.named_parameters()):
+            setattr(host, k, torch.nn.Parameter(buffer[offset:offset + p.numel()].view(p.shape)))
+            offset += p.numel()
 
     def drawn(draw):  # draw(name, host): the names of the host's parameters to keep
         for name, host in hosts:
-            params, offset = {}, 0
-            for k, p in list(host.named_parameters()):
-                params[k] = torch.nn.Parameter(buffer[offset:offset + p.numel()].view(p.shape))
-                setattr(host, k, params[k])
-                offset += p.numel()
             for k in draw(name, host) or ():
                 shards = model.get_parameter(f'{name}.{k}')  # (src_data_rank=None: this process's own draws)
-                mine = distribute_tensor(params[k].detach(), shards.device_mesh, shards.placements, src_data_rank=None)
+                mine = distribute_tensor(host.get_parameter(k).detach(), shards.device_mesh, shards.placements,
+                                         src_data_rank=None)
                 with torch.no_grad():
                     shards.to_local().copy_(mine.to_local())
     drawn(lambda name, host: host.reset_parameters())  # the constructors' draws, which GPT() then draws over

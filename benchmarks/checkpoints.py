@@ -20,11 +20,10 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from configurator import configure, report_errors  # noqa: E402
+from memory import random_tokens, train_command  # noqa: E402  (the sibling benchmark's launch)
 
 # -----------------------------------------------------------------------------
 nproc = 2  # processes, one thread each
@@ -82,15 +81,11 @@ builtins.__import__ = __import__
 
 def launch(repo, data_dir, out_dir, site, settings):
     """train.py of repo under torchrun with the probe: {rank: {'startup': GiB, 'saves': [(s, GiB)]}}."""
-    args = dict(device='cpu', dtype='float32', compile=False, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                block_size=block_size, batch_size=batch_size, gradient_accumulation_steps=nproc,
+    args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, batch_size=batch_size,
                 max_iters=2 * saves, eval_interval=2, eval_iters=1, dataset=data_dir, out_dir=out_dir, fsdp=True,
                 eval_only=saves == 0)
-    args.update(settings)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', WANDB_MODE='disabled', PYTHONPATH=site)
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-                           os.path.join(repo, 'train.py'), *[f'--{k}={v}' for k, v in args.items()]],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(train_command(nproc, dict(args, **settings), repo), env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"train.py failed ({proc.returncode}): {proc.stderr[-3000:]}")
     ranks = {}
@@ -110,9 +105,7 @@ def main():
         os.makedirs(site)
         with open(os.path.join(site, 'sitecustomize.py'), 'w') as f:
             f.write(PROBE)
-        rng = np.random.default_rng(0)
-        for split in ('train', 'val'):  # GPT-2's token ids, at random
-            rng.integers(50257, size=100_000, dtype=np.uint16).tofile(os.path.join(work, f'{split}.bin'))
+        random_tokens(work)
         print(f"FSDP on {nproc} CPU processes, {n_layer} layers x {n_embd} wide, {saves} saves of ckpt (best too, "
               "at the first); per process: peak RSS at start-up, and per save the time the loop was blocked "
               "and the peak RSS during it (medians over the saves)\n")

@@ -41,18 +41,29 @@ MODES = [('DDP', dict(fsdp=False, activation_checkpointing=False)),
          ('FSDP + activation checkpointing', dict(fsdp=True, activation_checkpointing=True))]
 
 
+def random_tokens(directory):
+    """train.bin and val.bin of GPT-2 token ids drawn at random, in directory."""
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        rng.integers(50257, size=100_000, dtype=np.uint16).tofile(os.path.join(directory, f'{split}.bin'))
+
+
+def train_command(nproc, args, repo=REPO):
+    """train.py (repo's) under torchrun on nproc CPU processes, in float32 and eager, one micro-batch per process
+    per step, with args (the shape, the data...)."""
+    args = dict(device='cpu', dtype='float32', compile=False, gradient_accumulation_steps=nproc, **args)
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+            os.path.join(repo, 'train.py'), *[f'--{k}={v}' for k, v in args.items()]]
+
+
 def first_steps(data_dir, out_dir, settings):
     """Run train.py under torchrun for three steps: (its memory report after the first, the mean time of the
     second and third in ms); then stop it, unsaved."""
-    args = dict(device='cpu', dtype='float32', compile=False, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                block_size=block_size, batch_size=batch_size, gradient_accumulation_steps=nproc, max_iters=100,
-                eval_interval=1000, eval_iters=nproc, dataset=data_dir, out_dir=out_dir)
-    args.update(settings)
+    args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, batch_size=batch_size,
+                max_iters=100, eval_interval=1000, eval_iters=nproc, dataset=data_dir, out_dir=out_dir)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', WANDB_MODE='disabled')
-    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-                             os.path.join(REPO, 'train.py'), *[f'--{k}={v}' for k, v in args.items()]],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(train_command(nproc, dict(args, **settings)), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     memory, times = None, []
     try:
         for line in proc.stdout:
@@ -88,9 +99,7 @@ def lora_modes(work):
 def main():
     work = tempfile.mkdtemp(prefix='memory-')
     try:
-        rng = np.random.default_rng(0)
-        for split in ('train', 'val'):  # GPT-2's token ids, at random
-            rng.integers(50257, size=100_000, dtype=np.uint16).tofile(os.path.join(work, f'{split}.bin'))
+        random_tokens(work)
         modes = lora_modes(work) if lora else MODES
         print(f"{nproc} CPU processes, {n_layer} layers x {n_embd} wide, micro-batch {batch_size} x {block_size} "
               "tokens; what the master process holds after its first step:\n")
