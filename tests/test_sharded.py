@@ -76,11 +76,15 @@ def test_resumed_on_two_processes_it_continues_bit_for_bit_as_the_uninterrupted_
     assert_same_tensors(full_state(out_dir, tmp_path, 'resumed'), full_state(runs['to_8'][1], tmp_path, 'to_8'))
 
 
-def test_resumed_on_one_process_it_continues_the_same_loss_curve(runs, dataset, tmp_path):
+@pytest.mark.parametrize('resume_as', ['1 process', '2 DDP processes'])
+def test_resumed_on_one_process_or_under_ddp_it_continues_the_same_loss_curve(resume_as, runs, dataset, tmp_path):
     out_dir = str(tmp_path / 'out')
     shutil.copytree(runs['to_4'][1], out_dir)
-    train(**dict(SETTINGS, dataset=dataset, out_dir=out_dir, init_from='resume', max_iters=8,
-                 checkpoint_format='sharded'))
+    resume = dict(dataset=dataset, out_dir=out_dir, init_from='resume', max_iters=8, checkpoint_format='sharded')
+    if resume_as == '1 process':
+        train(**dict(SETTINGS, **resume))
+    else:
+        two_processes(**resume)
     got, expected = log_losses(out_dir), log_losses(runs['to_8'][1])
     assert sorted(got) == sorted(expected)
     assert got == pytest.approx(expected, abs=1e-6)
@@ -99,8 +103,12 @@ def test_readers_on_a_sharded_out_dir_equal_their_results_on_its_conversion_to_c
         sample = run_script('sample.py', *args, '--num_samples=2', '--max_new_tokens=30')
         run_script('eval.py', *args, '--tasks=text', f'--dataset={dataset}', f'--out={tmp_path / name}.json')
         run_script('export_hf.py', *args[:2], f'--export_dir={tmp_path / name}_hf')
-        outputs[name] = sample.stdout, json.loads((tmp_path / f'{name}.json').read_text())
+        bench = run_script('bench.py', '--init_from=resume', f'--out_dir={out_dir}', '--device=cpu', '--mode=sample',
+                           '--max_new_tokens=4', '--warmup_steps=1', '--num_steps=1', '--compare_uncached=False')
+        outputs[name] = (sample.stdout, json.loads((tmp_path / f'{name}.json').read_text()),
+                         bench.stdout.splitlines()[0])  # (bench.py's model: its size)
     assert outputs['sharded'] == outputs['converted'] and outputs['sharded'][0].strip()
+    assert 'parameters' in outputs['sharded'][2], outputs['sharded'][2]
     idx = torch.arange(16)[None]
     with torch.no_grad():
         logits = [GPT2LMHeadModel.from_pretrained(f'{tmp_path / n}_hf')(idx).logits for n in ('sharded', 'converted')]
