@@ -213,3 +213,20 @@ def test_fsdp_from_a_checkpoint_file_takes_rank_0s_weights_and_a_damaged_one_sto
     assert len(errors) == 1 and 'base.pt is not a readable checkpoint' in errors[0], proc.stderr
     assert ranks_that_exited_with_1(proc.stderr) == {'0', '1'}, proc.stderr
     assert 'train.py", line' not in proc.stderr, proc.stderr
+
+
+def test_a_stop_signal_waits_for_the_background_write_and_the_checkpoint_is_whole(dataset, tmp_path):
+    """SIGTERM with async_checkpoint: the stop's save goes to the background thread, and the run waits for it
+    before exiting, so ckpt/ holds the stop's iteration, complete, with nothing left half-written beside it."""
+    import signal
+    from test_train import finish, start_train, wait_for
+    out_dir, log = tmp_path / 'out', tmp_path / 'train.log'
+    proc = start_train(dataset, str(out_dir), log, max_iters=10_000, eval_interval=1000, checkpoint_format='sharded',
+                       async_checkpoint=True)
+    wait_for(proc, log, lambda text: re.search(r'^iter 5:', text, re.M))
+    proc.send_signal(signal.SIGTERM)
+    stdout = finish(proc, log, timeout=60)
+    n = int(re.search(r'^stopped by SIGTERM at iter (\d+); checkpoint saved in ', stdout, re.M).group(1))
+    assert load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), required=('optimizer',))['iter_num'] == n
+    assert sorted(os.listdir(out_dir / 'ckpt')) == ['.metadata', '__0_0.distcp', 'train_state.pt']
+    assert not [f for f in os.listdir(out_dir) if f.startswith('.ckpt')]  # no .ckpt.tmp/ or .ckpt.old/ left
